@@ -1,0 +1,11 @@
+"""embedtrain: textual-inversion embeddings for Stable Diffusion, from a web page, a CLI or several GPUs.
+
+The words used everywhere (step, epoch, weight update, full-cycle) are defined in calculator.py.
+Heavy libraries (torch, diffusers, gradio) are imported lazily by the modules that need them.
+"""
+
+__version__ = "0.1.0"
+
+
+class EmbedtrainError(ValueError):
+    """A user-facing error. The message names the field, the bad value and what would be valid."""
