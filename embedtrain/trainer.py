@@ -1,0 +1,577 @@
+"""The one training loop.
+
+`Trainer(cfg)` loads the model and data once (so the LR sweep can reuse them); `Trainer.run(run_dir)`
+is the loop: for each weight update, GA micro-batches of cached latents -> noise -> UNet -> MSE,
+loss / GA, backward into the new vectors only, all-reduce across processes, clip, optimizer step.
+Every random choice of batch b (timesteps, noise, templates, flips) comes from a generator seeded by
+(seed, b, process), and the data order from the seeded stream, so a resumed run replays exactly.
+
+Events go out through one callback; the run folder gets config.json, log.csv, events.jsonl,
+snapshots, previews, the final embedding and, on stop, resume.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from embedtrain import EmbedtrainError, __version__
+from embedtrain.calculator import derive
+from embedtrain.config import ConfigError, TrainConfig, add_arguments, config_from_args
+
+LOG_COLUMNS = ["update", "batch", "epoch", "images_seen", "loss", "val_loss", "val_train_loss", "lr",
+               "effective_lr", "time_s"]
+VAL_TIMESTEPS = 4  # fixed timesteps per validation image: a lower-variance estimate, still cheap
+
+
+class TrainingStopped(EmbedtrainError):
+    """The run ended early (non-finite loss, a failed save); its last good embedding was kept."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str                      # finished | stopped | failed
+    updates: int
+    final_loss: float | None
+    val_loss: float | None
+    files: list[Path] = field(default_factory=list)
+    message: str = ""
+
+
+def _seed_for(*parts) -> int:
+    return random.Random(":".join(map(str, parts))).getrandbits(62)
+
+
+class Trainer:
+    """Model, data, latent caches and the embedding, prepared once for one or more runs."""
+
+    def __init__(self, cfg: TrainConfig, pipe=None, info=None, log=print):
+        import torch
+
+        from embedtrain import data, embedding, models
+        from embedtrain.schedules import build_schedule  # noqa: F401  (fail early if missing)
+
+        self.cfg = cfg.validate()
+        self.log = log
+        self.state = _dist_state()
+        self.rank, self.world = self.state["rank"], self.state["world"]
+        self.device = self.state["device"] or models.resolve_device(cfg.device)
+        self.autocast_dtype = models.resolve_precision(cfg.mixed_precision, self.device)
+
+        # Data first: a bad folder should fail before a slow model load.
+        samples, self.skipped = data.scan_folder(cfg.data, cfg.resolution)
+        if cfg.val_data:
+            self.val_samples, val_skipped = data.scan_folder(cfg.val_data, cfg.resolution)
+            self.skipped += val_skipped
+            self.train_samples = samples
+        else:
+            self.train_samples, self.val_samples = data.split(samples, cfg.val_split, cfg.seed)
+        self.images = len(self.train_samples) * cfg.repeats  # DESIGN.md: images after split, with repeats
+        self.plan = derive(len(self.train_samples), cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.step_unit,
+                           repeats=cfg.repeats, processes=self.world)
+        self.templates = data.load_templates(cfg.template)
+
+        if pipe is None:
+            pipe, info = models.load_pipeline(cfg.model, cfg.model_config)
+        self.pipe, self.info = pipe, info
+        self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
+        self.unet, self.vae = pipe.unet, pipe.vae
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.to(self.device)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            self.text_encoder.gradient_checkpointing_enable()
+            self.text_encoder.train()  # transformers only checkpoints in train mode; CLIP has no dropout
+        if self.device.type == "cuda":
+            self.unet.to(memory_format=torch.channels_last)
+
+        from diffusers import DDPMScheduler
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.num_timesteps = self.noise_scheduler.config.num_train_timesteps
+
+        self.token = embedding.add_embedding(self.tokenizer, self.text_encoder, cfg.name, init_text=cfg.init_text,
+                                             num_vectors=cfg.vectors, trainable=True)
+        self.init_vectors = self.token.vectors.detach().clone()
+        if not any("[name]" in t for t in self.templates) and not any(
+                self.token.name.lower() in s.caption.lower() for s in self.train_samples):
+            raise ConfigError(f"template {cfg.template!r} has no [name] and no caption mentions {cfg.name!r}: "
+                              "the embedding would never be trained; use a template with [name]")
+
+        t0 = time.perf_counter()
+        self.cache = data.LatentCache(self.vae, [s.image for s in self.train_samples], self.device,
+                                      cfg.latent_sampling, cfg.flip, cfg.seed)
+        self.val_cache = data.LatentCache(self.vae, [s.image for s in self.val_samples], self.device) \
+            if self.val_samples else None
+        self.cache_seconds = time.perf_counter() - t0
+        self._val_fixed = {}
+
+    # ------------------------------------------------------------------ helpers
+    def reset_embedding(self) -> None:
+        """Back to the init-text vectors (a fresh embedding for the next sweep candidate)."""
+        import torch
+        with torch.no_grad():
+            self.token.vectors.copy_(self.init_vectors)
+
+    def encode_prompts(self, prompts: list[str]):
+        ids = self.tokenizer([self.token.expand(p) for p in prompts], padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _loss(self, latents, noise, timesteps, prompts, reduce=True):
+        import torch.nn.functional as F
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        with self._autocast():
+            hidden = self.encode_prompts(prompts)
+            pred = self.unet(noisy, timesteps, hidden).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return loss.mean() if reduce else loss
+
+    def batch_inputs(self, batch_index: int):
+        """The inputs of global batch `batch_index` on this process.
+
+        Every random choice belongs to a stream position (an image slot), not to a batch: position p
+        gets its template, flip, timestep and noise from its own seed. So BS 4 x GA 1 and BS 2 x GA 2
+        (or 2 processes x BS 2) see the same images with the same noise and make the same update, and a
+        resumed run replays exactly.
+        """
+        import torch
+
+        from embedtrain.data import make_prompt
+        cfg, bs = self.cfg, self.cfg.batch_size
+        start = (batch_index * self.world + self.rank) * bs
+        n_train = len(self.train_samples)
+        picks, prompts, flips, noise, timesteps = [], [], [], [], []
+        for pos in range(start, start + bs):
+            i = self.stream[pos] % n_train  # repeats: a stream slot -> its image
+            rng = random.Random(_seed_for("slot", cfg.seed, pos))
+            g = torch.Generator().manual_seed(_seed_for("noise", cfg.seed, pos))
+            picks.append(i)
+            prompts.append(make_prompt(rng.choice(self.templates), cfg.name, self.train_samples[i].caption))
+            flips.append(cfg.flip and rng.random() < 0.5)
+            timesteps.append(int(torch.randint(0, self.num_timesteps, (1,), generator=g)))
+            noise.append(torch.randn(self.cache.mean.shape[2:], generator=g))
+            if self.cache.std is not None:  # latent_sampling=random: a fresh posterior sample per slot
+                noise.append(torch.randn(self.cache.mean.shape[2:], generator=g))
+        if self.cache.std is not None:
+            noise, post = noise[0::2], noise[1::2]
+            latents = self.cache.get(picks, flips, noise=torch.stack(post).to(self.device))
+        else:
+            latents = self.cache.get(picks, flips)
+        return (latents, torch.stack(noise).to(self.device),
+                torch.tensor(timesteps, device=self.device), prompts)
+
+    def fixed_loss(self, which: str = "val"):
+        """Validation loss with fixed timesteps and fixed noise per image (DESIGN.md): two evaluations
+        differ only because the embedding changed. `which="train"` is the stabilized training loss."""
+        import torch
+        from embedtrain.data import LatentCache, make_prompt
+        if which == "val":
+            samples, cache = self.val_samples, self.val_cache
+        else:
+            k = min(self.cfg.val_train_subset, len(self.train_samples))
+            samples = self.train_samples[:k]
+            if "train" not in self._val_fixed:
+                self._val_fixed["train_cache"] = LatentCache(self.vae, [s.image for s in samples], self.device)
+            cache = self._val_fixed["train_cache"]
+        if not samples:
+            return None
+        if which not in self._val_fixed:
+            n = len(samples)
+            g = torch.Generator().manual_seed(_seed_for("val", self.cfg.seed, which))
+            lat = cache.mean[0].repeat_interleave(VAL_TIMESTEPS, 0)
+            # stratified timesteps: one in each quarter of the schedule, offset per image
+            u = (torch.arange(VAL_TIMESTEPS).repeat(n) + torch.rand(n * VAL_TIMESTEPS, generator=g)) / VAL_TIMESTEPS
+            t = (u * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
+            noise = torch.randn(lat.shape, generator=g)
+            prompts = [make_prompt(self.templates[0], self.cfg.name, s.caption) for s in samples]
+            prompts = [p for p in prompts for _ in range(VAL_TIMESTEPS)]
+            self._val_fixed[which] = (lat, noise.to(self.device), t.to(self.device), prompts)
+        lat, noise, t, prompts = self._val_fixed[which]
+        total, chunk = 0.0, 16
+        with torch.no_grad():
+            for k in range(0, len(prompts), chunk):
+                losses = self._loss(lat[k:k + chunk], noise[k:k + chunk], t[k:k + chunk], prompts[k:k + chunk],
+                                    reduce=False)
+                total += float(losses.sum())
+        return total / len(prompts)
+
+    def preview(self, path: Path, update: int):
+        import torch
+        cfg = self.cfg
+        seed = cfg.seed if cfg.preview_seed < 0 else cfg.preview_seed
+        prompt = self.token.expand(cfg.preview_prompt.replace("[name]", cfg.name))
+        with torch.no_grad(), self._autocast():
+            image = self.pipe(prompt, num_inference_steps=cfg.preview_steps, guidance_scale=cfg.preview_cfg,
+                              height=cfg.resolution, width=cfg.resolution,
+                              generator=torch.Generator().manual_seed(seed)).images[0]
+        from PIL.PngImagePlugin import PngInfo
+
+        from embedtrain.fileio import atomic_path
+        info = PngInfo()
+        info.add_text("parameters", f"{cfg.preview_prompt}\nSteps: {cfg.preview_steps}, CFG scale: "
+                                    f"{cfg.preview_cfg}, Seed: {seed}, Size: {cfg.resolution}x{cfg.resolution}, "
+                                    f"Model: {self.info.name}, Embedding: {cfg.name}, Update: {update}")
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=info)
+        return path
+
+    def metadata(self, update: int, batches: int, loss, val_loss) -> dict:
+        cfg = self.cfg
+        images_seen = batches * cfg.batch_size * self.world
+        return {
+            "name": cfg.name, "trainer": f"embedtrain {__version__}", "step": update if cfg.step_unit == "update"
+            else batches, "step_unit": cfg.step_unit, "updates": update, "batches": batches,
+            "epochs": f"{images_seen / self.images:.4f}", "images": self.images, "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum, "processes": self.world, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule
+            if cfg.lr_schedule != "piecewise" else cfg.lr_piecewise, "optimizer": cfg.optimizer,
+            "init_text": cfg.init_text, "vectors": cfg.vectors, "seed": cfg.seed, "resolution": cfg.resolution,
+            "base_model": self.info.name, "base_model_hash": self.info.hash, "loss": "" if loss is None else
+            f"{loss:.6f}", "val_loss": "" if val_loss is None else f"{val_loss:.6f}",
+        }
+
+    def summary(self) -> str:
+        p, cfg = self.plan, self.cfg
+        lines = [
+            "***** Running training *****",
+            f"  Model = {self.info.describe()}",
+            f"  Device = {self.device} ({'fp32' if self.autocast_dtype is None else self.autocast_dtype}), "
+            f"processes = {self.world}",
+            f"  Images = {len(self.train_samples)} x {cfg.repeats} repeats = {self.images} "
+            f"(validation: {len(self.val_samples)}; skipped: {len(self.skipped)})",
+            f"  Batch size = {cfg.batch_size}, gradient accumulation = {cfg.grad_accum}"
+            f" -> {cfg.batch_size * cfg.grad_accum * self.world} images per weight update",
+            f"  Steps = {cfg.steps} {cfg.step_unit}s -> weight updates = {p.weight_updates}, batches = {p.batches}",
+            f"  Epochs = {p.epochs:.2f} (full-cycle: {'yes' if p.full_cycle else 'no'})",
+            f"  LR = {self.schedule_description}, optimizer = {cfg.optimizer}",
+        ]
+        if p.incomplete_batches:
+            lines.append(f"  Note: the last {p.incomplete_batches} batches end without a weight update "
+                         f"({p.batches} is not a multiple of GA {cfg.grad_accum}); they are not run")
+        lines += [f"  Warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, run_dir, on_event=None, schedule=None, resume: bool = False, stop=None) -> RunResult:
+        """Train into `run_dir`. `schedule(u) -> lr` overrides the config's (used by the LR finder).
+        `stop()` -> True asks for a graceful stop (the CLI sets it on SIGINT; the UI via a STOP file)."""
+        import torch
+
+        from embedtrain import data, embedding, optimizers
+        from embedtrain.schedules import build_schedule, describe
+
+        cfg, plan, main = self.cfg, self.plan, self.rank == 0
+        run_dir = Path(run_dir)
+        self.stream = data.Stream(self.images, cfg.seed)
+        if schedule is None:
+            schedule = build_schedule(
+                cfg.lr_schedule, cfg.lr, plan.weight_updates, min_lr=cfg.lr_min, warmup=cfg.lr_warmup,
+                cycles=cfg.lr_cycles, power=cfg.lr_power, piecewise=cfg.lr_piecewise, step_size=cfg.lr_step_size,
+                step_size_epochs=cfg.lr_step_size_epochs, updates_per_epoch=plan.updates_per_epoch,
+                gamma=cfg.lr_gamma, cycle_decay=cfg.lr_cycle_decay, decay_factor=cfg.lr_decay_factor,
+                extend=cfg.lr_extend)
+            self.schedule_description = describe(schedule)
+        else:
+            self.schedule_description = getattr(schedule, "description", "custom")
+        self.warnings = list(getattr(schedule, "warnings", []))
+        if self.val_samples and (len(self.val_samples) < 4 or len(self.val_samples) <= cfg.batch_size):
+            self.warnings.append(f"only {len(self.val_samples)} validation images: validation loss can mislead "
+                                 "on a set this small (SCIENCE.md section 3)")
+
+        events = _EventSink(run_dir, on_event, enabled=main, resume=resume)
+        vectors = self.token.vectors
+        optimizer = optimizers.make_optimizer(cfg.optimizer, [vectors], cfg)
+        update, batch = 0, 0
+        if resume:
+            update, batch = self._load_resume(run_dir, optimizer)
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run_dir / "config.json")
+            self.log(self.summary())
+            for s in self.skipped:
+                events.emit("skipped", file=str(s.path), reason=s.reason)
+        events.emit("start", summary=self.summary(), weight_updates=plan.weight_updates, batches=plan.batches,
+                    resume_from=update, images=self.images, warnings=self.warnings)
+        log = _CsvLog(run_dir / "log.csv", enabled=main, keep_until=update if resume else None)
+
+        good = vectors.detach().clone()   # last vectors known to give a finite loss
+        loss_value = val_loss = None
+        status, message, files = "finished", "", []
+        t_start, u_start = time.perf_counter(), update
+        optimizers.set_mode(optimizer, True)
+        bar = _progress(plan.weight_updates, update, main)
+        while update < plan.weight_updates:
+            # 1. the learning rate is a pure function of the update index
+            for group in optimizer.param_groups:
+                group["lr"] = schedule(update)
+            # 2. GA micro-batches, each loss / GA, gradients summed into the new vectors only
+            loss_sum = torch.zeros((), device=self.device)
+            for _ in range(cfg.grad_accum):
+                latents, noise, timesteps, prompts = self.batch_inputs(batch)
+                loss = self._loss(latents, noise, timesteps, prompts) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.detach()
+                batch += 1
+            # 3. average across processes (no DDP wrapper: the only parameter is this tiny tensor)
+            if self.world > 1:
+                torch.distributed.all_reduce(vectors.grad)
+                vectors.grad /= self.world
+                torch.distributed.all_reduce(loss_sum)
+                loss_sum /= self.world
+            loss_value = float(loss_sum)  # the one host sync per update: logging and the NaN check need it
+            if not math.isfinite(loss_value) or not torch.isfinite(vectors.grad).all():
+                with torch.no_grad():
+                    vectors.copy_(good)
+                status, message = "failed", (f"loss became {loss_value} at update {update + 1}; stopped and kept "
+                                             f"the last good embedding (from update {update}). Lower the LR or "
+                                             "enable gradient clipping.")
+                break
+            good.copy_(vectors.detach())
+            # 4. clip, step, clear
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([vectors], cfg.max_grad_norm)
+            if cfg.clip_grad_value > 0:
+                torch.nn.utils.clip_grad_value_([vectors], cfg.clip_grad_value)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update += 1
+            # 5. bookkeeping: validation, log row, event, snapshots, previews
+            val_loss = val_train = None
+            is_last = update == plan.weight_updates
+            if main and (self.val_samples or cfg.val_train_subset) and (
+                    (cfg.val_every and update % cfg.val_every == 0) or is_last):
+                optimizers.set_mode(optimizer, False)
+                val_loss = self.fixed_loss("val")
+                val_train = self.fixed_loss("train") if cfg.val_train_subset else None
+                optimizers.set_mode(optimizer, True)
+            elapsed = time.perf_counter() - t_start
+            rate = (update - u_start) / elapsed if elapsed > 0 else 0.0
+            images_seen = batch * cfg.batch_size * self.world
+            row = dict(update=update, batch=batch, epoch=round(images_seen / self.images, 4), images_seen=images_seen,
+                       loss=round(loss_value, 6), val_loss=_r(val_loss), val_train_loss=_r(val_train),
+                       lr=schedule(update - 1), effective_lr=optimizers.effective_lr(optimizer),
+                       time_s=round(elapsed, 3))
+            if update % cfg.log_every == 0 or is_last or val_loss is not None:
+                log.write(row)
+            events.emit("update", **row, weight_updates=plan.weight_updates,
+                        eta_s=round((plan.weight_updates - update) / rate, 1) if rate else None)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{row['lr']:.2e}")
+            if main and not is_last and cfg.save_every and update % cfg.save_every == 0:
+                optimizers.set_mode(optimizer, False)
+                snap = run_dir / f"{cfg.name}-{update}.safetensors"
+                embedding.save_embedding(snap, vectors, cfg.name, self.metadata(update, batch, loss_value, val_loss))
+                self._save_resume(run_dir, optimizer, update, batch)
+                optimizers.set_mode(optimizer, True)
+                events.emit("save", update=update, path=str(snap))
+            if main and cfg.preview_every and (update % cfg.preview_every == 0 or is_last):
+                path = self.preview(run_dir / "previews" / f"{cfg.name}-{update}.png", update)
+                events.emit("preview", update=update, path=str(path))
+            if stop is not None and _agree(stop(), self.world) and not is_last:
+                status, message = "stopped", f"stopped at update {update} of {plan.weight_updates}; resume with " \
+                                             f"--resume {run_dir}"
+                break
+        if bar is not None:
+            bar.close()
+        # 6. final files: written from the last good vectors, atomically
+        if main:
+            optimizers.set_mode(optimizer, False)
+            meta = self.metadata(update, batch, loss_value, val_loss)
+            meta["status"] = status
+            for fmt in cfg.formats():
+                path = run_dir / (cfg.name + embedding.FORMAT_SUFFIX[fmt])
+                files.append(embedding.save_embedding(path, vectors, cfg.name, meta, fmt))
+            if status == "stopped":
+                self._save_resume(run_dir, optimizer, update, batch)
+            elif (run_dir / "resume.pt").exists() and status == "finished":
+                (run_dir / "resume.pt").unlink()
+        log.close()
+        result = RunResult(run_dir, status, update, loss_value, val_loss, files, message)
+        events.emit("done" if status == "finished" else status, status=status, updates=update, message=message,
+                    files=[str(f) for f in files], final_loss=loss_value, val_loss=val_loss)
+        events.close()
+        return result
+
+    # ------------------------------------------------------------------ resume state
+    def _save_resume(self, run_dir: Path, optimizer, update: int, batch: int) -> None:
+        import torch
+
+        from embedtrain.fileio import atomic_path
+        state = {"version": 1, "update": update, "batch": batch, "vectors": self.token.vectors.detach().cpu(),
+                 "optimizer": optimizer.state_dict()}
+        with atomic_path(run_dir / "resume.pt") as tmp:
+            torch.save(state, tmp)
+
+    def _load_resume(self, run_dir: Path, optimizer) -> tuple[int, int]:
+        import torch
+        path = run_dir / "resume.pt"
+        if not path.is_file():
+            raise ConfigError(f"resume: {run_dir} has no resume.pt (the run finished, or never saved a state)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            self.token.vectors.copy_(state["vectors"].to(self.device))
+        optimizer.load_state_dict(state["optimizer"])
+        if state["update"] > self.plan.weight_updates:
+            raise ConfigError(f"resume: the run already made {state['update']} updates, more than steps allows "
+                              f"({self.plan.weight_updates}); raise --steps")
+        return int(state["update"]), int(state["batch"])
+
+
+def _r(x):
+    return "" if x is None else round(x, 6)
+
+
+def _agree(flag: bool, world: int) -> bool:
+    """All processes stop at the same update: any one asking is enough."""
+    if world == 1:
+        return bool(flag)
+    import torch
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def _dist_state() -> dict:
+    """Rank, world size and device under torchrun / accelerate launch; single process otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        state = PartialState()
+        return {"rank": state.process_index, "world": state.num_processes, "device": state.device}
+    return {"rank": 0, "world": 1, "device": None}
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled or not sys.stderr.isatty() and os.environ.get("EMBEDTRAIN_PROGRESS") != "1":
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, unit="update", dynamic_ncols=True)
+
+
+class _CsvLog:
+    """log.csv, one row per logged update. On resume, rows after the resume point are dropped."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until: int | None):
+        self.fh = None
+        if not enabled:
+            return
+        rows = []
+        if keep_until is not None and path.exists():
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["update"]) <= keep_until]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(path, "w", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.fh, fieldnames=LOG_COLUMNS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.fh.flush()
+
+    def write(self, row: dict) -> None:
+        if self.fh:
+            self.writer.writerow(row)
+            self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh:
+            self.fh.close()
+
+
+class _EventSink:
+    """Events to the callback and, for the web UI that follows the run folder, to events.jsonl."""
+
+    def __init__(self, run_dir: Path, callback, enabled: bool, resume: bool):
+        self.callback, self.fh = callback, None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.fh = open(run_dir / "events.jsonl", "a" if resume else "w", encoding="utf-8")
+
+    def emit(self, kind: str, **fields) -> None:
+        event = {"event": kind, "t": round(time.time(), 3), **fields}
+        if self.fh:
+            self.fh.write(json.dumps(event, default=str) + "\n")
+            self.fh.flush()
+        if self.callback:
+            self.callback(event)
+
+    def close(self) -> None:
+        if self.fh:
+            self.fh.close()
+
+
+# ---------------------------------------------------------------------- entry points
+def new_run_dir(cfg: TrainConfig) -> Path:
+    name = cfg.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from embedtrain.embedding import check_name
+    check_name(name)  # the run folder name must be as safe as an embedding name
+    return Path(cfg.out) / name
+
+
+def train(cfg: TrainConfig, run_dir=None, on_event=None, resume: bool = False, stop=None, log=print) -> RunResult:
+    """Train one embedding from a config; the programmatic twin of `python -m embedtrain train`."""
+    trainer = Trainer(cfg, log=log)
+    return trainer.run(run_dir or new_run_dir(cfg), on_event=on_event, resume=resume, stop=stop)
+
+
+def cli(argv) -> int:
+    parser = argparse.ArgumentParser(prog="python -m embedtrain train",
+                                     description="Train a textual-inversion embedding.")
+    parser.add_argument("--config", help="JSON file of settings (flags override it)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its folder")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    stop_requested = {"n": 0}
+
+    def on_sigint(signum, frame):
+        stop_requested["n"] += 1
+        if stop_requested["n"] > 1:
+            raise KeyboardInterrupt
+        print("\nstop requested: finishing the current update and saving (Ctrl-C again to abort)",
+              file=sys.stderr)
+
+    try:
+        if args.resume:
+            run_dir = Path(args.resume)
+            cfg = config_from_args(args, str(run_dir / "config.json"))
+        else:
+            cfg = config_from_args(args, args.config)
+            run_dir = new_run_dir(cfg.validate())
+        signal.signal(signal.SIGINT, on_sigint)
+        signal.signal(signal.SIGTERM, on_sigint)
+        stop_file = run_dir / "STOP"
+        if stop_file.exists():
+            stop_file.unlink()
+        result = train(cfg, run_dir, resume=bool(args.resume),
+                       stop=lambda: stop_requested["n"] > 0 or stop_file.exists())
+    except EmbedtrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.status == "failed":
+        print(f"error: {result.message}", file=sys.stderr)
+        return 1
+    print(f"{result.status}: {result.updates} updates, loss {result.final_loss}, val loss {result.val_loss}")
+    if result.message:
+        print(result.message)
+    for f in result.files:
+        print(f"wrote {f}")
+    return 0
