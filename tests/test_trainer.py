@@ -1,0 +1,188 @@
+"""The training loop on the tiny model: what changes, what learns, how it counts, stop/resume."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+from embedtrain.calculator import derive
+from embedtrain.config import ConfigError
+from embedtrain.trainer import Trainer
+
+
+def read_log(run_dir):
+    with open(run_dir / "log.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_only_new_vectors_change_and_other_rows_are_bit_identical(tiny_cfg, tmp_path):
+    t = Trainer(tiny_cfg.replace(steps=4))
+    table = t.text_encoder.text_model.embeddings.token_embedding
+    before = table.base.weight.detach().clone()
+    frozen = {n: p.detach().clone() for n, p in t.unet.named_parameters()}
+    start = t.token.vectors.detach().clone()
+    result = t.run(tmp_path / "run")
+    assert result.status == "finished" and result.updates == 4
+    assert torch.equal(table.base.weight, before)
+    assert all(torch.equal(p, frozen[n]) for n, p in t.unet.named_parameters())
+    assert not torch.allclose(t.token.vectors, start)
+    # the optimizer only ever saw the new vectors
+    trainable = [p for m in (t.unet, t.vae, t.text_encoder) for p in m.parameters() if p.requires_grad]
+    assert len(trainable) == 1 and trainable[0] is t.token.vectors
+
+
+def test_loss_on_a_fixed_batch_falls_over_30_updates(tiny_cfg, tmp_path):
+    # Overfit one image with fixed noise: the loss the vectors can move must go down.
+    t = Trainer(tiny_cfg.replace(batch_size=1, lr=2e-2))
+    latents, noise, timesteps, prompts = t.batch_inputs(0)
+    opt = torch.optim.AdamW([t.token.vectors], lr=2e-2)
+    losses = []
+    for _ in range(30):
+        loss = t._loss(latents, noise, timesteps, prompts)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("bs,ga,steps,unit", [(2, 1, 5, "update"), (3, 2, 4, "update"), (3, 1, 7, "batch"),
+                                              (5, 2, 8, "batch"), (8, 1, 3, "update")])
+def test_logged_epochs_and_updates_match_the_calculator(tiny_cfg, tmp_path, bs, ga, steps, unit):
+    cfg = tiny_cfg.replace(batch_size=bs, grad_accum=ga, steps=steps, step_unit=unit)
+    result = Trainer(cfg).run(tmp_path / "run")
+    rows = read_log(tmp_path / "run")
+    plan = derive(8, bs, ga, steps, unit)
+    assert result.updates == plan.weight_updates == int(rows[-1]["update"])
+    assert [int(r["update"]) for r in rows] == list(range(1, plan.weight_updates + 1))
+    last = rows[-1]
+    batches = plan.weight_updates * ga  # batches that complete a weight update are the ones run
+    assert int(last["batch"]) == batches
+    assert int(last["images_seen"]) == batches * bs
+    assert float(last["epoch"]) == pytest.approx(batches * bs / 8, abs=1e-4)
+    if batches == plan.batches:  # no incomplete accumulation group: the calculator's epochs exactly
+        assert math.floor(float(last["epoch"]) + 1e-9) == plan.epochs_floor
+
+
+def test_grad_accum_equals_one_big_batch(tiny_cfg, tmp_path):
+    a = Trainer(tiny_cfg.replace(batch_size=4, grad_accum=1, steps=3, lr=1e-2, optimizer="sgd", adam_beta1=0.0))
+    a.run(tmp_path / "a")
+    b = Trainer(tiny_cfg.replace(batch_size=2, grad_accum=2, steps=3, lr=1e-2, optimizer="sgd", adam_beta1=0.0))
+    b.run(tmp_path / "b")
+    assert not torch.allclose(a.token.vectors, a.init_vectors)
+    torch.testing.assert_close(a.token.vectors, b.token.vectors, rtol=1e-4, atol=1e-6)
+
+
+def test_stop_then_resume_reproduces_the_uninterrupted_run(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(steps=8, val_split=0.25, val_every=2, batch_size=2)
+    full = Trainer(cfg)
+    full.run(tmp_path / "full")
+    calls = {"n": 0}
+
+    def stop_after_3():
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    first = Trainer(cfg).run(tmp_path / "part", stop=stop_after_3)
+    assert first.status == "stopped" and first.updates == 3
+    assert (tmp_path / "part" / "resume.pt").exists()
+    assert (tmp_path / "part" / "zorblat.safetensors").exists()
+    second = Trainer(cfg)
+    result = second.run(tmp_path / "part", resume=True)
+    assert result.status == "finished" and result.updates == 8
+    torch.testing.assert_close(second.token.vectors, full.token.vectors, rtol=1e-5, atol=1e-7)
+    a, b = read_log(tmp_path / "full"), read_log(tmp_path / "part")
+    assert [r["update"] for r in a] == [r["update"] for r in b]
+    for ra, rb in zip(a, b):
+        assert float(ra["loss"]) == pytest.approx(float(rb["loss"]), rel=1e-4)
+        assert (ra["val_loss"] == "") == (rb["val_loss"] == "")
+    assert not (tmp_path / "part" / "resume.pt").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_embedding(tiny_cfg, tmp_path):
+    from embedtrain.embedding import load_embedding
+    t = Trainer(tiny_cfg.replace(steps=6))
+    real_loss = t._loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real_loss(*a, **k)
+        return out * float("nan") if calls["n"] == 4 else out
+
+    t._loss = poisoned
+    result = t.run(tmp_path / "run")
+    assert result.status == "failed" and result.updates == 3
+    assert "nan" in result.message.lower() and "last good" in result.message
+    saved = load_embedding(tmp_path / "run" / "zorblat.safetensors")
+    assert torch.isfinite(saved.vectors).all()
+    torch.testing.assert_close(saved.vectors, t.token.vectors.detach())
+
+
+def test_validation_loss_is_fixed_noise(tiny_cfg):
+    t = Trainer(tiny_cfg.replace(val_split=0.25))
+    assert len(t.val_samples) == 2
+    assert t.fixed_loss("val") == t.fixed_loss("val")
+    with torch.no_grad():
+        t.token.vectors.add_(0.5)
+    assert t.fixed_loss("val") != pytest.approx(t.fixed_loss("val") + 1)  # still deterministic
+    v1 = t.fixed_loss("val")
+    with torch.no_grad():
+        t.token.vectors.add_(0.5)
+    assert t.fixed_loss("val") != v1
+
+
+def test_run_folder_has_log_snapshots_previews_and_final_files(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(steps=4, save_every=2, preview_every=2, save_formats="safetensors,a1111,diffusers",
+                           val_split=0.25, val_every=2)
+    result = Trainer(cfg).run(tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.json", "log.csv", "events.jsonl", "zorblat-2.safetensors", "zorblat.safetensors",
+                 "zorblat.pt", "zorblat.learned_embeds.safetensors", "previews/zorblat-2.png",
+                 "previews/zorblat-4.png"):
+        assert (run / name).exists(), name
+    assert len(result.files) == 3
+    rows = read_log(run)
+    assert set(rows[0]) >= {"update", "batch", "epoch", "images_seen", "loss", "val_loss", "lr"}
+    assert rows[1]["val_loss"] != "" and rows[0]["val_loss"] == ""
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(data="/nonexistent/folder"), "does not exist"),
+    (dict(grad_accum=0), "grad_accum"),
+    (dict(lr=-1.0), "lr"),
+    (dict(batch_size=9), "batch_size"),
+    (dict(name="circle"), "vocabulary"),
+    (dict(lr_schedule="piecewise", lr_piecewise="0.005:abc"), "piecewise"),
+    (dict(lr_schedule="piecewise", lr_piecewise="0.005:2"), "ends"),
+    (dict(steps=0), "steps"),
+    (dict(name="../evil"), "name"),
+])
+def test_bad_input_gives_a_clear_error(tiny_cfg, tmp_path, change, field):
+    from embedtrain import EmbedtrainError
+    with pytest.raises(EmbedtrainError, match=field):
+        Trainer(tiny_cfg.replace(**change)).run(tmp_path / "run")
+
+
+def test_empty_folder_and_corrupt_image(tiny_cfg, tmp_path):
+    from embedtrain import EmbedtrainError
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(EmbedtrainError, match="no usable image"):
+        Trainer(tiny_cfg.replace(data=str(empty)))
+    data = tmp_path / "data"
+    (data / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    t = Trainer(tiny_cfg.replace(steps=1))
+    assert [s.path.name for s in t.skipped] == ["broken.jpg"]
+    t.run(tmp_path / "run")
+    assert "broken.jpg" in (tmp_path / "run" / "events.jsonl").read_text()
+
+
+def test_config_json_round_trip_and_unknown_keys(tiny_cfg, tmp_path):
+    from embedtrain.config import TrainConfig
+    tiny_cfg.save(tmp_path / "c.json")
+    assert TrainConfig.load(tmp_path / "c.json") == tiny_cfg
+    (tmp_path / "bad.json").write_text('{"batch_sise": 4}')
+    with pytest.raises(ConfigError, match="batch_sise"):
+        TrainConfig.load(tmp_path / "bad.json")
