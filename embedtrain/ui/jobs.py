@@ -1,0 +1,202 @@
+"""Training jobs for the web UI: each job is its own process, followed through its run folder.
+
+`python -m embedtrain train --config RUN/job.json` runs in a new session, so neither a closed browser
+tab nor a restarted web server stops it; the page re-attaches by reading `outputs/.job.json` and the
+run folder's events.jsonl / log.csv. One job at a time per outputs folder. No gradio import here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from embedtrain import EmbedtrainError
+from embedtrain.config import TrainConfig
+from embedtrain.fileio import atomic_write_text
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+class JobError(EmbedtrainError):
+    """A job cannot be started or controlled; the message says why."""
+
+
+@dataclass
+class JobStatus:
+    state: str                          # idle | running | finished | stopped | failed | crashed
+    run_dir: str = ""
+    name: str = ""
+    update: int = 0
+    weight_updates: int = 0
+    eta_s: float | None = None
+    loss: float | None = None
+    val_loss: float | None = None
+    message: str = ""
+    summary: str = ""
+    previews: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)   # log.csv rows (for the plots)
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:  # a finished child we started is a zombie until reaped
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+class JobManager:
+    def __init__(self, outputs):
+        self.outputs = Path(outputs).resolve()
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        self.state_file = self.outputs / ".job.json"
+
+    # ------------------------------------------------------------ control
+    def current(self) -> dict | None:
+        try:
+            return json.loads(self.state_file.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def start(self, cfg: TrainConfig, resume_dir: str | None = None) -> Path:
+        """Start a job, or resume a stopped run; refuse while another job runs."""
+        job = self.current()
+        if job and _alive(job["pid"]):
+            raise JobError(f"a job is already running: {job['name']} in {job['run_dir']} (started "
+                           f"{time.strftime('%H:%M:%S', time.localtime(job['started']))}); stop it first")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        if resume_dir:
+            run_dir = self._inside_outputs(resume_dir)
+            if not (run_dir / "resume.pt").is_file():
+                raise JobError(f"{run_dir.name} has no resume state: only a stopped run can be resumed")
+            args = ["--resume", str(run_dir)]
+            name = json.loads((run_dir / "config.json").read_text())["name"]
+        else:
+            cfg = cfg.replace(out=str(self.outputs),
+                              run_name=cfg.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            cfg.validate()
+            run_dir = self.outputs / cfg.run_name
+            if run_dir.exists():
+                raise JobError(f"run folder {run_dir.name} already exists; choose another run name")
+            run_dir.mkdir(parents=True)
+            cfg.save(run_dir / "job.json")
+            args = ["--config", str(run_dir / "job.json")]
+            name = cfg.name
+        (run_dir / "STOP").unlink(missing_ok=True)
+        log = open(run_dir / "job.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "embedtrain", "train", *args], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=str(ROOT), env=env, start_new_session=True)
+        log.close()
+        atomic_write_text(self.state_file, json.dumps(
+            {"pid": proc.pid, "run_dir": str(run_dir), "name": name, "started": time.time()}))
+        self._proc = proc
+        return run_dir
+
+    def stop(self) -> str:
+        """Ask the running job to finish its update, save and exit (a STOP file); a second stop signals it."""
+        job = self.current()
+        if not job or not _alive(job["pid"]):
+            return "no job is running"
+        stop = Path(job["run_dir"]) / "STOP"
+        if stop.exists():
+            os.kill(job["pid"], signal.SIGTERM)
+            return f"stop asked again: signalled {job['name']}"
+        stop.write_text("stop requested from the web UI\n")
+        return f"stopping {job['name']}: it finishes the current update and saves"
+
+    def wait(self, timeout: float = 60.0) -> None:
+        job = self.current()
+        t0 = time.time()
+        while job and _alive(job["pid"]) and time.time() - t0 < timeout:
+            time.sleep(0.2)
+
+    # ------------------------------------------------------------ reading runs
+    def status(self, run_dir: str | None = None) -> JobStatus:
+        job = self.current()
+        if run_dir is None:
+            if not job:
+                return JobStatus("idle")
+            run_dir = job["run_dir"]
+        run = Path(run_dir)
+        st = read_run(run)
+        running = bool(job and job["run_dir"] == str(run) and _alive(job["pid"]))
+        if running:
+            st.state = "running"
+        elif st.state == "running":  # the process is gone without its final event: it crashed
+            st.state = "crashed"
+            tail = _tail(run / "job.log", 1500)
+            st.message = "the job ended without finishing (crashed or killed). Last output:\n" + tail
+        return st
+
+    def history(self) -> list[JobStatus]:
+        runs = [p for p in self.outputs.iterdir()
+                if p.is_dir() and ((p / "config.json").exists() or (p / "job.json").exists())]
+        runs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        return [self.status(str(p)) for p in runs]
+
+    def _inside_outputs(self, path) -> Path:
+        p = Path(path).resolve()
+        if self.outputs not in p.parents:
+            raise JobError(f"{path} is not a run folder inside {self.outputs}")
+        return p
+
+
+def read_run(run: Path) -> JobStatus:
+    """The state of a run folder from its files alone (events.jsonl, log.csv, previews)."""
+    st = JobStatus("running", run_dir=str(run), name=run.name)
+    for name in ("config.json", "job.json"):
+        try:
+            st.name = json.loads((run / name).read_text(encoding="utf-8")).get("name", run.name)
+            break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+    events = []
+    if (run / "events.jsonl").exists():
+        for line in (run / "events.jsonl").read_text(encoding="utf-8").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line being written right now
+    for ev in events:
+        kind = ev.get("event")
+        if kind == "start":
+            st.summary, st.weight_updates = ev.get("summary", ""), ev.get("weight_updates", 0)
+        elif kind == "update":
+            st.update, st.eta_s, st.loss = ev["update"], ev.get("eta_s"), ev.get("loss")
+            st.val_loss = ev.get("val_loss") or st.val_loss
+        elif kind in ("done", "stopped", "failed"):
+            st.state = {"done": "finished"}.get(kind, kind)
+            st.message, st.files = ev.get("message", ""), ev.get("files", [])
+            st.val_loss = ev.get("val_loss", st.val_loss)
+    if (run / "log.csv").exists():
+        with open(run / "log.csv", newline="", encoding="utf-8") as fh:
+            st.rows = list(csv.DictReader(fh))
+    if (run / "previews").is_dir():
+        st.previews = [str(p) for p in sorted((run / "previews").glob("*.png"), key=lambda p: p.stat().st_mtime)]
+    if not events and not (run / "job.log").exists():
+        st.state = "unknown"
+    return st
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[-n:]
+    except FileNotFoundError:
+        return ""
