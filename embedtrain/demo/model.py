@@ -44,30 +44,51 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge the lowest-ranked adjacent pair (all occurrences)."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = {(a, b) for a, b in zip(parts, parts[1:])}
+        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts
+
+
 def word_vocab(words) -> tuple[dict[str, int], list[str]]:
     """A CLIP-style vocab and merge list in which each given word is a single token.
 
     Every byte character (alone and word-final, with `</w>`) is in the vocabulary so that any text
-    tokenizes; each word gets the chain of merges that builds it left to right.
+    tokenizes. For each word, the merges already written are applied first (as the tokenizer will),
+    then a chain of new merges joins the resulting pieces left to right. New merges rank after all
+    earlier ones, so they never split a word added before: every word stays one token.
     """
     chars = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for tok in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(tok, len(vocab))
     merges: list[str] = []
-    seen = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(w.lower() for w in words):
         if len(word) < 2 or not word.isascii():
             continue
-        left = word[0]
-        for i, ch in enumerate(word[1:], start=1):
-            right = ch + ("</w>" if i == len(word) - 1 else "")
-            merged = left + right
-            if (left, right) not in seen:
-                seen.add((left, right))
+        parts = _bpe(word, ranks)
+        left = parts[0]
+        for right in parts[1:]:
+            if (left, right) not in ranks:
+                ranks[(left, right)] = len(merges)
                 merges.append(f"{left} {right}")
-                vocab.setdefault(merged, len(vocab))
-            left = merged
+                vocab.setdefault(left + right, len(vocab))
+            left = left + right
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
     return vocab, merges
