@@ -1,0 +1,360 @@
+"""The demo world's judge, and the fidelity / editability scores of an embedding on the demo model.
+
+The judge is rule-based and deterministic (no training):
+- background: the majority colour class of the image's border pixels;
+- foreground: pixels far from the background colour (threshold at half the distance between the
+  background and the shape's core colour, so anti-aliased edges split where the renderer blended);
+  the largest 4-connected component is the shape (specks of a generated image are ignored);
+- colour: hue-based class of the median core colour (black/white from value/saturation), so a
+  drifted purple is still purple;
+- shape: the component's bounding box, resampled to 24 x 24, compared (mean absolute difference)
+  with each shape's canonical mask resampled from its own bounding box: robust to size, position,
+  blur and a stretched aspect ratio.
+
+    python -m embedtrain score --model demo --embedding FILE [--json]
+    python -m embedtrain.demo.score --evaluate-model assets/demo_model   # scores for the model card
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import json
+import sys
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from embedtrain.demo.world import (BACKGROUNDS, COLOURS, HELD_OUT, PALETTE, RESOLUTION, SHAPES, Spec,
+                                   shape_mask)
+
+DEMO_MODEL = Path(__file__).resolve().parents[2] / "assets" / "demo_model"
+GRID = 24                    # side of the normalised shape mask
+SAMPLE_STEPS = 20            # the demo's default sampler steps (DPM-Solver++ saved with the model)
+GUIDANCE = 7.5               # the demo's default classifier-free guidance scale
+
+# Hue boundaries (degrees) halfway between the palette's hues: red 0, orange 29, yellow 55,
+# green 129, blue 227, purple 278.
+HUE_BINS = ((15, "red"), (42, "orange"), (92, "yellow"), (178, "green"), (252, "blue"), (318, "purple"),
+            (361, "red"))
+
+
+def colour_class(rgb) -> str:
+    """Palette name of an RGB colour (0-255), by hue; black and white by value and saturation."""
+    r, g, b = (float(c) / 255 for c in rgb)
+    h, s, v = colorsys.rgb_to_hsv(r, g, b)
+    if v < 0.3:
+        return "black"
+    if s < 0.3:
+        return "white" if v > 0.6 else "black"
+    deg = h * 360
+    for upper, name in HUE_BINS:
+        if deg < upper:
+            return name
+    return "red"
+
+
+@lru_cache(maxsize=None)
+def canonical_masks() -> dict[str, np.ndarray]:
+    """Each shape's mask cropped to its bounding box and resampled to GRID x GRID (float 0..1)."""
+    out = {}
+    for shape in SHAPES:
+        m = np.asarray(shape_mask(shape, 128, 128, 200, resolution=256), dtype=np.float32) / 255
+        out[shape] = _crop_resize(m, m > 0.5)
+    return out
+
+
+def _crop_resize(soft: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop = Image.fromarray((soft[y0:y1, x0:x1] * 255).astype(np.uint8))
+    return np.asarray(crop.resize((GRID, GRID), Image.BILINEAR), dtype=np.float32) / 255
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a boolean mask (an iterative flood fill, no scipy)."""
+    h, w = mask.shape
+    labels = np.zeros((h, w), dtype=np.int32)
+    best, best_size, label = 0, 0, 0
+    for sy, sx in zip(*np.nonzero(mask)):
+        if labels[sy, sx]:
+            continue
+        label += 1
+        stack, size = [(sy, sx)], 0
+        labels[sy, sx] = label
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = label, size
+    return labels == best if best else np.zeros_like(mask)
+
+
+@dataclass
+class Judgement:
+    shape: str | None
+    colour: str | None
+    background: str
+
+
+def judge(image: Image.Image) -> Judgement:
+    """Read shape, colour and background from an image of the demo world."""
+    img = image.convert("RGB")
+    if img.size != (RESOLUTION, RESOLUTION):
+        img = img.resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
+    a = np.asarray(img, dtype=np.float32)
+    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[:, :2].reshape(-1, 3),
+                             a[:, -2:].reshape(-1, 3)])
+    classes = [colour_class(p) for p in border]
+    background = max(set(classes), key=classes.count)
+    bg_ref = np.median(border[[c == background for c in classes]], axis=0)
+    dist = np.linalg.norm(a - bg_ref, axis=2)
+    if dist.max() < 40:
+        return Judgement(None, None, background)
+    core = dist > 0.75 * dist.max()
+    fg_ref = np.median(a[core], axis=0)
+    split = 0.5 * np.linalg.norm(fg_ref - bg_ref)
+    mask = _largest_component(dist > split)
+    if mask.sum() < 6:
+        return Judgement(None, None, background)
+    colour = colour_class(np.median(a[mask & core], axis=0) if (mask & core).any() else fg_ref)
+    soft = np.clip(dist / max(2 * split, 1e-6), 0, 1) * mask_dilate(mask)
+    norm = _crop_resize(soft, mask)
+    errors = {s: float(np.abs(norm - m).mean()) for s, m in canonical_masks().items()}
+    return Judgement(min(errors, key=errors.get), colour, background)
+
+
+def mask_dilate(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by one pixel (keeps the anti-aliased rim of the component in the soft mask)."""
+    m = mask.copy()
+    m[1:] |= mask[:-1]
+    m[:-1] |= mask[1:]
+    m[:, 1:] |= mask[:, :-1]
+    m[:, :-1] |= mask[:, 1:]
+    return m
+
+
+def agrees(j: Judgement, want: Spec) -> bool:
+    """True when every attribute `want` names (non-None) is what the judge read."""
+    return all(getattr(want, k) is None or getattr(want, k) == getattr(j, k)
+               for k in ("shape", "colour", "background"))
+
+
+def score_images(images, prompts_specs) -> float:
+    """Fraction of images whose judged attributes match what their prompt asked for.
+
+    Args:
+        images: PIL images of the demo world.
+        prompts_specs: one `Spec` per image (None fields are not checked), or (prompt, Spec) pairs.
+    """
+    if len(images) != len(prompts_specs):
+        raise ValueError(f"images and prompts_specs must have the same length, got {len(images)} and "
+                         f"{len(prompts_specs)}")
+    specs = [ps[1] if isinstance(ps, tuple) else ps for ps in prompts_specs]
+    if not specs:
+        return 0.0
+    return sum(agrees(judge(im), sp) for im, sp in zip(images, specs)) / len(specs)
+
+
+# ---------------------------------------------------------------- generation and scores
+FIDELITY_PROMPTS = ("a photo of a {t}", "a {t}", "a picture of the {t}", "a close up photo of a {t}")
+EDIT_BACKGROUNDS = ("green", "blue", "yellow", "white")
+
+
+def generate(pipe, prompts, seeds, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
+             batch_size: int = 32):
+    """One image per (prompt, seed); each image's noise depends only on its own seed."""
+    import torch
+    images = []
+    for i in range(0, len(prompts), batch_size):
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+        with torch.no_grad():
+            out = pipe(prompt=list(prompts[i:i + batch_size]), generator=gens, num_inference_steps=steps,
+                       guidance_scale=guidance, height=RESOLUTION, width=RESOLUTION, output_type="pil")
+        images += out.images
+    return images
+
+
+def fidelity(pipe, token: str, n: int = 8, seed: int = 0, steps: int = SAMPLE_STEPS,
+             guidance: float = GUIDANCE, concept: tuple[str, str] = HELD_OUT, expand=None) -> dict:
+    """Concept fidelity and editability of `token` (already usable in prompts of `pipe`).
+
+    Args:
+        token: the word written in prompts (an embedding's name, or e.g. the init text "star").
+        n: seeds per prompt (seed, seed + 1, ...), the same for every prompt.
+        concept: (colour, shape) the token should draw.
+        expand: optional function applied to each prompt before sampling (e.g. TokenSet.expand).
+    Returns: {"concept_fidelity", "editability", "images"...}; fidelity = shape and colour right for
+        FIDELITY_PROMPTS; editability = background right and the concept kept for
+        "a {t} on a {bg} background", bg in EDIT_BACKGROUNDS.
+    """
+    colour, shape = concept
+    seeds = [seed + i for i in range(n)]
+    fid = [(p.format(t=token), Spec(shape, colour, None)) for p in FIDELITY_PROMPTS for _ in seeds]
+    edit = [(f"a {token} on a {b} background", Spec(shape, colour, b)) for b in EDIT_BACKGROUNDS for _ in seeds]
+    prompts = [p for p, _ in fid + edit]
+    if expand:
+        prompts = [expand(p) for p in prompts]
+    images = generate(pipe, prompts, seeds * (len(FIDELITY_PROMPTS) + len(EDIT_BACKGROUNDS)), steps, guidance)
+    k = len(fid)
+    return {"concept_fidelity": round(score_images(images[:k], fid), 4),
+            "editability": round(score_images(images[k:], edit), 4),
+            "images": images, "prompts": [p for p, _ in fid + edit]}
+
+
+def seen_agreement(pipe, n: int = 96, seed: int = 0, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
+                   form: str = "a {c} {s} on a {b} background") -> dict:
+    """Judge agreement on seen (shape, colour, background) combinations: shape and colour both right."""
+    import random
+    rng = random.Random(seed)
+    specs = []
+    while len(specs) < n:
+        s, c = rng.choice(SHAPES), rng.choice(COLOURS)
+        if (c, s) == HELD_OUT:
+            continue
+        specs.append(Spec(s, c, rng.choice([b for b in BACKGROUNDS if b != c])))
+    prompts = [form.format(c=sp.colour, s=sp.shape, b=sp.background) for sp in specs]
+    images = generate(pipe, prompts, [seed + i for i in range(n)], steps, guidance)
+    js = [judge(im) for im in images]
+    return {
+        "shape_and_colour": round(sum(j.shape == sp.shape and j.colour == sp.colour for j, sp in zip(js, specs)) / n, 4),
+        "shape": round(sum(j.shape == sp.shape for j, sp in zip(js, specs)) / n, 4),
+        "colour": round(sum(j.colour == sp.colour for j, sp in zip(js, specs)) / n, 4),
+        "background": round(sum(j.background == sp.background for j, sp in zip(js, specs)) / n, 4),
+        "images": images, "prompts": prompts,
+    }
+
+
+def clean_accuracy(n: int = 500, seed: int = 0) -> dict:
+    """The judge on clean renders of random specs (the held-out concept included)."""
+    import random
+    from embedtrain.demo.world import complete, render
+    rng = random.Random(seed)
+    right = {"shape": 0, "colour": 0, "background": 0, "all": 0}
+    for i in range(n):
+        spec = complete(Spec(), rng)
+        j = judge(render(spec, i))
+        ok = {k: getattr(j, k) == getattr(spec, k) for k in ("shape", "colour", "background")}
+        for k, v in ok.items():
+            right[k] += v
+        right["all"] += all(ok.values())
+    return {k: v / n for k, v in right.items()}
+
+
+def load_demo_pipeline(model: str = "demo"):
+    """The demo pipeline from `assets/demo_model` ("demo") or a diffusers folder, fp32, offline."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    folder = DEMO_MODEL if model == "demo" else Path(model)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"--model {model!r}: no diffusers pipeline at {folder} (model_index.json missing)"
+                         + ("; run `python -m embedtrain.demo.pretrain --out assets/demo_model`" if model == "demo" else ""))
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_embedding_into(pipe, path, token: str | None = None):
+    """Load an embedding file into pipe; returns (token, expand) where expand rewrites prompts."""
+    try:
+        from embedtrain.embedding import add_embedding, load_embedding
+    except ImportError:
+        add_embedding = None
+    if add_embedding is not None:
+        emb = load_embedding(path)
+        ts = add_embedding(pipe.tokenizer, pipe.text_encoder, token or emb.name, emb.vectors.float())
+        return ts.name, ts.expand
+    token = token or Path(path).stem
+    pipe.load_textual_inversion(str(path), token=token)
+    return token, None
+
+
+def _print_scores(scores: dict, as_json: bool) -> None:
+    clean = {k: v for k, v in scores.items() if k not in ("images", "prompts")}
+    if as_json:
+        print(json.dumps(clean, indent=2))
+    else:
+        for k, v in clean.items():
+            print(f"{k.replace('_', ' ')}: {v}")
+
+
+def evaluate_model(folder: Path, n_seen: int = 96, n: int = 8, embedding: str | None = None,
+                   ti_note: str = "") -> dict:
+    """Measure the model card's scores and rewrite the card (scores.json + README.md)."""
+    from embedtrain.demo.pretrain import CARD_STATS, write_card
+    folder = Path(folder)
+    pipe = load_demo_pipeline(str(folder))
+    scores_path = folder / "scores.json"
+    scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+    scores["judge accuracy on 500 clean renders (shape, colour, background all right)"] = clean_accuracy()["all"]
+    seen = seen_agreement(pipe, n=n_seen)
+    scores[f"seen combinations, judge agrees on shape and colour ({n_seen} prompts 'a COLOUR SHAPE on a BG "
+           f"background', {SAMPLE_STEPS} DPM-Solver++ steps, guidance {GUIDANCE})"] = seen["shape_and_colour"]
+    scores["seen combinations: shape / colour / background right"] = \
+        f"{seen['shape']} / {seen['colour']} / {seen['background']}"
+    base = fidelity(pipe, HELD_OUT[1], n=n)
+    scores[f"held-out {' '.join(HELD_OUT)}, init text '{HELD_OUT[1]}' before training: concept fidelity / "
+           "editability"] = f"{base['concept_fidelity']} / {base['editability']}"
+    words = fidelity(pipe, " ".join(HELD_OUT), n=n)
+    scores[f"held-out concept prompted by its words '{' '.join(HELD_OUT)}': concept fidelity / editability"] = \
+        f"{words['concept_fidelity']} / {words['editability']}"
+    if embedding:
+        token, expand = load_embedding_into(pipe, embedding)
+        ti = fidelity(pipe, token, n=n, expand=expand)
+        scores[f"after textual inversion ({ti_note or Path(embedding).name}): concept fidelity / editability"] = \
+            f"{ti['concept_fidelity']} / {ti['editability']}"
+    scores_path.write_text(json.dumps(scores, indent=2), encoding="utf-8")
+    stats = json.loads((folder / CARD_STATS).read_text())
+    write_card(folder, stats, scores)
+    return scores
+
+
+def cli(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m embedtrain score",
+                                description="concept fidelity and editability of an embedding on the demo model")
+    p.add_argument("--model", default="demo", help="'demo' (assets/demo_model) or a diffusers folder")
+    p.add_argument("--embedding", help="embedding file (.safetensors, .pt, learned_embeds)")
+    p.add_argument("--token", help="word to write in prompts (default: the embedding's name); without "
+                                   "--embedding, score this existing word, e.g. the init text 'star'")
+    p.add_argument("--n", type=int, default=8, help="seeds per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="sampler steps")
+    p.add_argument("--guidance", type=float, default=GUIDANCE)
+    p.add_argument("--save-grid", help="write the generated images as one PNG")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--evaluate-model", metavar="FOLDER", help="measure the model card's scores and rewrite it")
+    p.add_argument("--ti-note", default="", help="with --evaluate-model --embedding: how the embedding was trained")
+    args = p.parse_args(argv)
+    if args.n < 1:
+        p.error(f"--n must be at least 1, got {args.n}")
+    if args.evaluate_model:
+        _print_scores(evaluate_model(Path(args.evaluate_model), n=args.n, embedding=args.embedding,
+                                     ti_note=args.ti_note), args.json)
+        return 0
+    if not args.embedding and not args.token:
+        p.error("give --embedding FILE (or --token WORD to score a word the model knows)")
+    pipe = load_demo_pipeline(args.model)
+    token, expand = (load_embedding_into(pipe, args.embedding, args.token) if args.embedding
+                     else (args.token, None))
+    scores = fidelity(pipe, token, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                      expand=expand)
+    if args.save_grid:
+        ims = scores["images"]
+        cols = len(ims) // (len(FIDELITY_PROMPTS) + len(EDIT_BACKGROUNDS))
+        grid = Image.new("RGB", (cols * RESOLUTION, (len(ims) // cols) * RESOLUTION))
+        for i, im in enumerate(ims):
+            grid.paste(im, ((i % cols) * RESOLUTION, (i // cols) * RESOLUTION))
+        grid.save(args.save_grid)
+    _print_scores(scores, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
