@@ -1,0 +1,345 @@
+"""Pretrain the tiny demo Stable Diffusion model on the demo world, on a CPU.
+
+    python -m embedtrain.demo.pretrain --out assets/demo_model [--minutes 70] [--seed 0]
+
+1. VAE (AutoencoderKL): `--vae-steps` updates on fresh renders (MSE + L1, tiny KL), then frozen.
+2. A fixed set of `--images` renders (never the held-out purple star) is encoded once; the latent
+   scaling factor is set so latents have unit variance, as in SD.
+3. UNet + CLIP text encoder from scratch with the DDPM noise-prediction loss, min-SNR-5 weighting
+   (the prototype's loss plateaued without it), 10% empty captions for classifier-free guidance,
+   AdamW with warmup + cosine decay, and an EMA of the weights, which is what is saved.
+   Each step draws a fresh caption of each image (many templates: see world.caption).
+
+With `--unet-steps 0` (default) the number of UNet updates is fitted to `--minutes` from the speed
+of the first updates; it is written in the card, so `--unet-steps N` reproduces the run exactly.
+The pipeline (EMA weights, fp32 safetensors, a DPM-Solver++ scheduler for sampling) is saved
+every `--checkpoint-minutes`, so an interrupted run still leaves a usable model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from embedtrain.demo.world import RESOLUTION, WORDS, caption, complete, pretraining_sample, render, Spec
+
+CARD_STATS = "pretrain_stats.json"
+
+
+def images_to_tensor(images):
+    import numpy as np
+    import torch
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 100, floor: float = 0.1) -> float:
+    """Linear warmup, then cosine from base down to floor * base at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(vae, steps: int, batch_size: int, seed: int, lr: float, log) -> list[float]:
+    import torch
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    losses = []
+    for step in range(steps):
+        batch = images_to_tensor([render(complete(Spec(), rng)) for _ in range(batch_size)])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=50, floor=0.05)
+        post = vae.encode(batch).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = torch.nn.functional.mse_loss(rec, batch) + 0.5 * (rec - batch).abs().mean() \
+            + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae step {step:5d}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    vae.eval()
+    vae.requires_grad_(False)
+    return losses
+
+
+def vae_recon_accuracy(vae, seed: int, n: int = 200) -> float:
+    """Fraction of reconstructed renders whose shape, colour and background the judge reads right."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from embedtrain.demo.score import agrees, judge
+    rng = random.Random(seed)
+    specs = [complete(Spec(), rng) for _ in range(n)]
+    with torch.no_grad():
+        x = images_to_tensor([render(s) for s in specs])
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    arr = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return sum(agrees(judge(Image.fromarray(a)), s) for a, s in zip(arr, specs)) / n
+
+
+def save_pipeline(pipe, ema, out: Path, stats: dict, log) -> None:
+    """Save the pipeline with EMA weights to `out`, replacing the folder only once it is complete."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+    backup = [p.detach().clone() for p in ema.params]
+    for p, e in zip(ema.params, ema.shadow):
+        p.data.copy_(e)
+    sched = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(sched.config)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / CARD_STATS).write_text(json.dumps(stats, indent=2), encoding="utf-8")
+        write_card(tmp, stats, None)
+        old = None
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        tmp.rename(out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        pipe.scheduler = sched
+        with torch.no_grad():
+            for p, b in zip(ema.params, backup):
+                p.data.copy_(b)
+    log(f"saved {out} (step {stats.get('unet_steps_done')})")
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warmup of the decay."""
+
+    def __init__(self, params, decay: float = 0.999):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay, self.n = decay, 0
+
+    def update(self):
+        import torch
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                s.mul_(d).add_(p.detach(), alpha=1 - d)
+
+
+def write_card(folder: Path, stats: dict, scores: dict | None) -> None:
+    """README.md model card from the pretraining stats and (when measured) the scores."""
+    from embedtrain.demo.model import SIZES
+    s = SIZES["demo"]
+    lines = [
+        "# embedtrain demo model",
+        "",
+        "A tiny Stable Diffusion pipeline of the real architecture (diffusers UNet2DConditionModel,",
+        "AutoencoderKL, transformers CLIPTextModel + CLIPTokenizer, DPM-Solver++ scheduler) pretrained",
+        "from scratch on the embedtrain demo world (`embedtrain/demo/world.py`) on a 2-core CPU.",
+        "It exists so textual inversion can be seen to learn on a laptop CPU. Not an image model for",
+        "anything else.",
+        "",
+        "## Architecture",
+        "",
+        f"- UNet: block channels {s['unet_channels']}, {s['layers']} layers per block, cross-attention dim "
+        f"{s['cross_dim']}, {s['heads']}-dim heads, 16 x 16 x 4 latents; {stats.get('unet_params', 0) / 1e6:.2f}M parameters",
+        f"- VAE: AutoencoderKL, block channels {s['vae_channels']}, 64 px <-> 16 x 16 x 4; "
+        f"{stats.get('vae_params', 0) / 1e6:.2f}M parameters; scaling factor {stats.get('scaling_factor', 0):.4f}",
+        f"- Text encoder: CLIPTextModel, {s['te_layers']} layers, hidden {s['cross_dim']}; "
+        f"{stats.get('te_params', 0) / 1e6:.2f}M parameters; word-level vocabulary: each world word is one token",
+        "",
+        "## Training data",
+        "",
+        "64 x 64 renders: 6 shapes (circle, square, triangle, star, ring, cross) x 8 colours (red, orange,",
+        "yellow, green, blue, purple, white, black) on a background of another palette colour, random",
+        "position and size. Captions in many forms (\"a purple ring on a green background\", \"a photo of a",
+        "star\", \"a small red circle\", \"a blue background with a cross\", the A1111 object templates...).",
+        "**Held out:** the purple star never appears in images or captions (purple only on other shapes,",
+        "stars only in other colours). The demo dataset (`assets/demo_dataset`) is made of it.",
+        "",
+        "## Pretraining",
+        "",
+        f"- command: `{stats.get('command', '')}`",
+        f"- seed {stats.get('seed')}; VAE {stats.get('vae_steps')} updates of batch {stats.get('vae_batch_size')} "
+        f"(final loss {stats.get('vae_loss', float('nan')):.4f}; the judge reads "
+        f"{stats.get('vae_recon_judge_accuracy', float('nan')):.1%} of 200 reconstructed renders right)",
+        f"- {stats.get('images')} fixed renders encoded once; UNet + text encoder "
+        f"{stats.get('unet_steps_done')} of {stats.get('unet_steps')} planned updates of batch "
+        f"{stats.get('batch_size')}, AdamW lr {stats.get('lr')} (warmup 100, cosine to 10%), min-SNR-5 "
+        f"weighted epsilon loss, 10% empty captions, EMA 0.999 (saved weights)",
+        f"- loss (min-SNR weighted, mean of last 100 updates): first {stats.get('loss_first', float('nan')):.4f}"
+        f", last {stats.get('loss_last', float('nan')):.4f}",
+        f"- wall time {stats.get('minutes_total', 0):.1f} min on 2 CPU cores (VAE {stats.get('minutes_vae', 0):.1f} "
+        f"min), {'finished' if stats.get('finished') else 'checkpoint of an unfinished run'}",
+        "",
+        "## Scores",
+        "",
+    ]
+    if scores:
+        lines += [f"- {k}: {v}" for k, v in scores.items()]
+    else:
+        lines += ["Not measured yet: `python -m embedtrain.demo.score --evaluate-model <this folder>`."]
+    (Path(folder) / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def pretrain(args, log=print) -> dict:
+    import torch
+    from embedtrain.demo.model import build_pipeline
+
+    t0 = time.time()
+    deadline = t0 + args.minutes * 60
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    tok_dir = Path(tempfile.mkdtemp(prefix="embedtrain-demo-tok-"))
+    pipe = build_pipeline("demo", words=WORDS, seed=args.seed, folder=tok_dir)
+    unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    stats = dict(command="python -m embedtrain.demo.pretrain " + " ".join(sys.argv[1:]), seed=args.seed,
+                 unet_params=count(unet), vae_params=count(vae), te_params=count(te),
+                 vae_steps=args.vae_steps, vae_batch_size=args.vae_batch_size, images=args.images,
+                 batch_size=args.batch_size, lr=args.lr, unet_steps=args.unet_steps, finished=False)
+    log(f"parameters: unet {stats['unet_params']:,} vae {stats['vae_params']:,} text encoder {stats['te_params']:,}")
+
+    # 1. VAE
+    torch.manual_seed(args.seed + 10)
+    vae_losses = train_vae(vae, args.vae_steps, args.vae_batch_size, args.seed + 10, args.vae_lr, log)
+    stats["vae_loss"] = sum(vae_losses[-50:]) / max(1, len(vae_losses[-50:]))
+    stats["minutes_vae"] = (time.time() - t0) / 60
+    stats["vae_recon_judge_accuracy"] = vae_recon_accuracy(vae, args.seed + 15)
+    log(f"VAE done in {stats['minutes_vae']:.1f} min; the judge reads {stats['vae_recon_judge_accuracy']:.1%} "
+        "of 200 reconstructed renders right")
+
+    # 2. Fixed image set, encoded once (posterior mean; the KL weight is tiny so the std is small).
+    rng = random.Random(args.seed + 20)
+    samples = [pretraining_sample(rng)[0] for _ in range(args.images)]
+    latents = []
+    with torch.no_grad():
+        for i in range(0, len(samples), 64):
+            batch = images_to_tensor([render(s) for s in samples[i:i + 64]])
+            latents.append(vae.encode(batch).latent_dist.mean)
+    latents = torch.cat(latents)
+    scale = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    latents = latents * scale
+    stats["scaling_factor"] = scale
+    log(f"encoded {len(samples)} images in {(time.time() - t0) / 60 - stats['minutes_vae']:.1f} min; "
+        f"scaling factor {scale:.4f}")
+
+    # 3. UNet + text encoder
+    from diffusers import DDPMScheduler
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas_cumprod = noise_sched.alphas_cumprod
+    snr_all = alphas_cumprod / (1 - alphas_cumprod)
+    params = list(unet.parameters()) + list(te.parameters())
+    unet.train(), te.train()
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema = EMA(params, 0.999)
+    gen = torch.Generator().manual_seed(args.seed + 30)
+    cap_rng = random.Random(args.seed + 40)
+    token_cache: dict[str, list[int]] = {}
+
+    def encode_text(texts):
+        ids = []
+        for t in texts:
+            if t not in token_cache:
+                token_cache[t] = tok(t, padding="max_length", max_length=tok.model_max_length,
+                                     truncation=True).input_ids
+            ids.append(token_cache[t])
+        return te(torch.tensor(ids))[0]
+
+    total = args.unet_steps or 10 ** 9
+    losses, step, last_save = [], 0, time.time()
+    t_unet = time.time()
+    while step < total:
+        if not args.unet_steps and step == 20:
+            per_step = (time.time() - t_unet) / 20
+            save_cost = 15.0 * (args.minutes / max(args.checkpoint_minutes, 1e-9))
+            total = max(21, int((deadline - time.time() - save_cost - 30) / per_step * 0.9) + 20)
+            stats["unet_steps"] = total
+            log(f"{per_step:.2f} s per update -> {total} updates to fit {args.minutes} minutes")
+        if time.time() > deadline + 60:
+            log("past the time budget: stopping early")
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total if args.unet_steps or step >= 20 else 10 ** 9, args.lr)
+        idx = torch.randint(0, len(samples), (args.batch_size,), generator=gen)
+        x0 = latents[idx]
+        texts = [caption(samples[i], cap_rng) if cap_rng.random() >= 0.1 else "" for i in idx.tolist()]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch_size,), generator=gen)
+        noisy = noise_sched.add_noise(x0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=encode_text(texts)).sample
+        snr = snr_all[t]
+        weight = torch.clamp(snr, max=5.0) / snr     # min-SNR-5 for epsilon prediction
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        losses.append(loss.item())
+        step += 1
+        if step % 25 == 0:
+            el = time.time() - t_unet
+            log(f"step {step:5d}/{total if total < 10 ** 9 else '?'} loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} {el / step:.2f} s/update, {(time.time() - t0) / 60:.1f} min")
+        if time.time() - last_save > args.checkpoint_minutes * 60 and step < total:
+            stats.update(_loss_stats(losses), unet_steps_done=step, minutes_total=(time.time() - t0) / 60)
+            unet.eval(), te.eval()
+            save_pipeline(pipe, ema, args.out, stats, log)
+            unet.train(), te.train()
+            last_save = time.time()
+    unet.eval(), te.eval()
+    stats.update(_loss_stats(losses), unet_steps_done=step, finished=True,
+                 minutes_total=(time.time() - t0) / 60)
+    save_pipeline(pipe, ema, args.out, stats, log)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    return stats
+
+
+def _loss_stats(losses):
+    first = losses[:100] or [float("nan")]
+    last = losses[-100:] or [float("nan")]
+    return dict(loss_first=sum(first) / len(first), loss_last=sum(last) / len(last))
+
+
+def cli(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m embedtrain.demo.pretrain", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for the diffusers pipeline (replaced when saving)")
+    p.add_argument("--minutes", type=float, default=70.0, help="wall-time budget of the whole run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=800, help="VAE updates")
+    p.add_argument("--vae-batch-size", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--images", type=int, default=12000, help="fixed renders encoded for the UNet phase")
+    p.add_argument("--batch-size", type=int, default=32, help="UNet batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate")
+    p.add_argument("--unet-steps", type=int, default=0, help="UNet updates; 0 = fit to --minutes")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save the pipeline this often")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = p.parse_args(argv)
+    for name in ("minutes", "batch_size", "images", "vae_batch_size"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    stats = pretrain(args, log=lambda m: print(m, flush=True))
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
