@@ -71,6 +71,8 @@ class TrainConfig:
     lr_gamma: float = _f(1.0, "exp_range: amplitude multiplied by gamma**update")
     lr_cycle_decay: str = _f("", "cyclical: cycles per stage of a stepped top, e.g. '3,2,1.5'")
     lr_decay_factor: float = _f(0.5, "cyclical: top multiplier from one stage of lr_cycle_decay to the next")
+    lr_cycle_start: str = _f("low", "cyclical: start a cycle at the low point (Smith) or high (the users' cosine "
+                                    "runs: 5.5 cycles then end low)")
     lr_extend: bool = _f(False, "piecewise schedule shorter than the run: hold its last LR instead of refusing")
     # --- optimizer ---
     optimizer: str = _f("adamw", "adamw, adam, sgd, dadapt_adam, prodigy, schedulefree_adamw")
@@ -129,6 +131,7 @@ class TrainConfig:
             need(self.lr > 0, "lr", "> 0")
         need(self.lr_min >= 0, "lr_min", ">= 0")
         need(self.lr_warmup >= 0, "lr_warmup", ">= 0 updates")
+        need(self.lr_cycle_start in ("low", "high"), "lr_cycle_start", "low or high")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")
         need(0 <= self.adam_beta1 < 1, "adam_beta1", "in [0, 1)")

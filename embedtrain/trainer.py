@@ -80,6 +80,7 @@ class Trainer:
         self.plan = derive(len(self.train_samples), cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.step_unit,
                            repeats=cfg.repeats, processes=self.world)
         self.templates = data.load_templates(cfg.template)
+        self.stream = data.Stream(self.images, cfg.seed)
 
         if pipe is None:
             pipe, info = models.load_pipeline(cfg.model, cfg.model_config)
@@ -192,7 +193,7 @@ class Trainer:
         else:
             k = min(self.cfg.val_train_subset, len(self.train_samples))
             samples = self.train_samples[:k]
-            if "train" not in self._val_fixed:
+            if "train_cache" not in self._val_fixed:
                 self._val_fixed["train_cache"] = LatentCache(self.vae, [s.image for s in samples], self.device)
             cache = self._val_fixed["train_cache"]
         if not samples:
@@ -283,14 +284,13 @@ class Trainer:
 
         cfg, plan, main = self.cfg, self.plan, self.rank == 0
         run_dir = Path(run_dir)
-        self.stream = data.Stream(self.images, cfg.seed)
         if schedule is None:
             schedule = build_schedule(
                 cfg.lr_schedule, cfg.lr, plan.weight_updates, min_lr=cfg.lr_min, warmup=cfg.lr_warmup,
                 cycles=cfg.lr_cycles, power=cfg.lr_power, piecewise=cfg.lr_piecewise, step_size=cfg.lr_step_size,
                 step_size_epochs=cfg.lr_step_size_epochs, updates_per_epoch=plan.updates_per_epoch,
                 gamma=cfg.lr_gamma, cycle_decay=cfg.lr_cycle_decay, decay_factor=cfg.lr_decay_factor,
-                extend=cfg.lr_extend)
+                extend=cfg.lr_extend, start=cfg.lr_cycle_start)
             self.schedule_description = describe(schedule)
         else:
             self.schedule_description = getattr(schedule, "description", "custom")

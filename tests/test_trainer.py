@@ -18,7 +18,8 @@ def read_log(run_dir):
 
 def test_only_new_vectors_change_and_other_rows_are_bit_identical(tiny_cfg, tmp_path):
     t = Trainer(tiny_cfg.replace(steps=4))
-    table = t.text_encoder.text_model.embeddings.token_embedding
+    from embedtrain.embedding import text_transformer
+    table = text_transformer(t.text_encoder).embeddings.token_embedding
     before = table.base.weight.detach().clone()
     frozen = {n: p.detach().clone() for n, p in t.unet.named_parameters()}
     start = t.token.vectors.detach().clone()
@@ -44,7 +45,10 @@ def test_loss_on_a_fixed_batch_falls_over_30_updates(tiny_cfg, tmp_path):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < 0.9 * losses[0], losses
+    # A random tiny UNet barely listens to the text, so the fall is small but it must be steady:
+    # zero gradients would give a flat line, a wrong sign a rising one.
+    falls = sum(b < a for a, b in zip(losses, losses[1:]))
+    assert losses[-1] < losses[0] and falls >= 25, losses
 
 
 @pytest.mark.parametrize("bs,ga,steps,unit", [(2, 1, 5, "update"), (3, 2, 4, "update"), (3, 1, 7, "batch"),
@@ -123,14 +127,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_embedding(tiny_cfg, tmp_p
 def test_validation_loss_is_fixed_noise(tiny_cfg):
     t = Trainer(tiny_cfg.replace(val_split=0.25))
     assert len(t.val_samples) == 2
-    assert t.fixed_loss("val") == t.fixed_loss("val")
-    with torch.no_grad():
-        t.token.vectors.add_(0.5)
-    assert t.fixed_loss("val") != pytest.approx(t.fixed_loss("val") + 1)  # still deterministic
     v1 = t.fixed_loss("val")
-    with torch.no_grad():
-        t.token.vectors.add_(0.5)
-    assert t.fixed_loss("val") != v1
+    assert t.fixed_loss("val") == v1  # same embedding, same number: noise and timesteps are fixed
+    with torch.no_grad():  # (not a constant shift: CLIP's LayerNorm would remove it)
+        t.token.vectors.add_(torch.randn(t.token.vectors.shape, generator=torch.Generator().manual_seed(1)))
+    assert t.fixed_loss("val") != v1  # only the embedding changed
 
 
 def test_run_folder_has_log_snapshots_previews_and_final_files(tiny_cfg, tmp_path):
