@@ -395,6 +395,13 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if self.world > 1:  # prove the processes agree: every one must hold the same vectors
+            gathered = [torch.zeros_like(vectors) for _ in range(self.world)]
+            torch.distributed.all_gather(gathered, vectors.detach().contiguous())
+            diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
+            events.emit("processes", world=self.world, identical=diff == 0.0, max_diff=diff)
+            if diff != 0.0:
+                status, message = "failed", f"the {self.world} processes hold different vectors (max diff {diff})"
         # 6. final files: written from the last good vectors, atomically
         if main:
             optimizers.set_mode(optimizer, False)
