@@ -33,11 +33,11 @@ from embedtrain.demo.world import RESOLUTION, WORDS, caption, complete, pretrain
 CARD_STATS = "pretrain_stats.json"
 
 
-def images_to_tensor(images):
+def images_to_tensor(images, device="cpu"):
     import numpy as np
     import torch
     arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(device)
 
 
 def lr_at(step: int, total: int, base: float, warmup: int = 100, floor: float = 0.1) -> float:
@@ -48,14 +48,14 @@ def lr_at(step: int, total: int, base: float, warmup: int = 100, floor: float = 
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_vae(vae, steps: int, batch_size: int, seed: int, lr: float, log) -> list[float]:
+def train_vae(vae, steps: int, batch_size: int, seed: int, lr: float, log, device="cpu") -> list[float]:
     import torch
     rng = random.Random(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     losses = []
     for step in range(steps):
-        batch = images_to_tensor([render(complete(Spec(), rng)) for _ in range(batch_size)])
+        batch = images_to_tensor([render(complete(Spec(), rng)) for _ in range(batch_size)], device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=50, floor=0.05)
         post = vae.encode(batch).latent_dist
@@ -74,7 +74,7 @@ def train_vae(vae, steps: int, batch_size: int, seed: int, lr: float, log) -> li
     return losses
 
 
-def vae_recon_accuracy(vae, seed: int, n: int = 200) -> float:
+def vae_recon_accuracy(vae, seed: int, n: int = 200, device="cpu") -> float:
     """Fraction of reconstructed renders whose shape, colour and background the judge reads right."""
     import numpy as np
     import torch
@@ -83,9 +83,9 @@ def vae_recon_accuracy(vae, seed: int, n: int = 200) -> float:
     rng = random.Random(seed)
     specs = [complete(Spec(), rng) for _ in range(n)]
     with torch.no_grad():
-        x = images_to_tensor([render(s) for s in specs])
+        x = images_to_tensor([render(s) for s in specs], device)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-    arr = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    arr = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return sum(agrees(judge(Image.fromarray(a)), s) for a, s in zip(arr, specs)) / n
 
 
@@ -207,20 +207,27 @@ def pretrain(args, log=print) -> dict:
     torch.manual_seed(args.seed)
     tok_dir = Path(tempfile.mkdtemp(prefix="embedtrain-demo-tok-"))
     pipe = build_pipeline("demo", words=WORDS, seed=args.seed, folder=tok_dir)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":   # same maths as on the CPU; TF32 off so the run does not depend on the GPU kind
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    pipe.to(dev)
     unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
     count = lambda m: sum(p.numel() for p in m.parameters())
     stats = dict(command="python -m embedtrain.demo.pretrain " + " ".join(sys.argv[1:]), seed=args.seed,
                  unet_params=count(unet), vae_params=count(vae), te_params=count(te),
                  vae_steps=args.vae_steps, vae_batch_size=args.vae_batch_size, images=args.images,
-                 batch_size=args.batch_size, lr=args.lr, unet_steps=args.unet_steps, finished=False)
+                 batch_size=args.batch_size, lr=args.lr, unet_steps=args.unet_steps, finished=False,
+                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                 threads=args.threads)
     log(f"parameters: unet {stats['unet_params']:,} vae {stats['vae_params']:,} text encoder {stats['te_params']:,}")
 
     # 1. VAE
     torch.manual_seed(args.seed + 10)
-    vae_losses = train_vae(vae, args.vae_steps, args.vae_batch_size, args.seed + 10, args.vae_lr, log)
+    vae_losses = train_vae(vae, args.vae_steps, args.vae_batch_size, args.seed + 10, args.vae_lr, log, dev)
     stats["vae_loss"] = sum(vae_losses[-50:]) / max(1, len(vae_losses[-50:]))
     stats["minutes_vae"] = (time.time() - t0) / 60
-    stats["vae_recon_judge_accuracy"] = vae_recon_accuracy(vae, args.seed + 15)
+    stats["vae_recon_judge_accuracy"] = vae_recon_accuracy(vae, args.seed + 15, device=dev)
     log(f"VAE done in {stats['minutes_vae']:.1f} min; the judge reads {stats['vae_recon_judge_accuracy']:.1%} "
         "of 200 reconstructed renders right")
 
@@ -230,7 +237,7 @@ def pretrain(args, log=print) -> dict:
     latents = []
     with torch.no_grad():
         for i in range(0, len(samples), 64):
-            batch = images_to_tensor([render(s) for s in samples[i:i + 64]])
+            batch = images_to_tensor([render(s) for s in samples[i:i + 64]], dev)
             latents.append(vae.encode(batch).latent_dist.mean)
     latents = torch.cat(latents)
     scale = 1.0 / latents.std().item()
@@ -243,7 +250,7 @@ def pretrain(args, log=print) -> dict:
     # 3. UNet + text encoder
     from diffusers import DDPMScheduler
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    alphas_cumprod = noise_sched.alphas_cumprod
+    alphas_cumprod = noise_sched.alphas_cumprod.to(dev)
     snr_all = alphas_cumprod / (1 - alphas_cumprod)
     params = list(unet.parameters()) + list(te.parameters())
     unet.train(), te.train()
@@ -260,7 +267,7 @@ def pretrain(args, log=print) -> dict:
                 token_cache[t] = tok(t, padding="max_length", max_length=tok.model_max_length,
                                      truncation=True).input_ids
             ids.append(token_cache[t])
-        return te(torch.tensor(ids))[0]
+        return te(torch.tensor(ids, device=dev))[0]
 
     total = args.unet_steps or 10 ** 9
     losses, step, last_save = [], 0, time.time()
@@ -278,10 +285,10 @@ def pretrain(args, log=print) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total if args.unet_steps or step >= 20 else 10 ** 9, args.lr)
         idx = torch.randint(0, len(samples), (args.batch_size,), generator=gen)
-        x0 = latents[idx]
+        x0 = latents[idx.to(dev)]
         texts = [caption(samples[i], cap_rng) if cap_rng.random() >= 0.1 else "" for i in idx.tolist()]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)     # drawn on the CPU: the same on any device
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch_size,), generator=gen).to(dev)
         noisy = noise_sched.add_noise(x0, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=encode_text(texts)).sample
         snr = snr_all[t]
@@ -332,6 +339,7 @@ def cli(argv=None) -> int:
     p.add_argument("--unet-steps", type=int, default=0, help="UNet updates; 0 = fit to --minutes")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save the pipeline this often")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the committed model was trained on cuda: see its card)")
     args = p.parse_args(argv)
     for name in ("minutes", "batch_size", "images", "vae_batch_size"):
         if getattr(args, name) <= 0:
