@@ -135,9 +135,9 @@ class EMA:
         import torch
         self.n += 1
         d = min(self.decay, (1 + self.n) / (10 + self.n))
-        with torch.no_grad():
-            for s, p in zip(self.shadow, self.params):
-                s.mul_(d).add_(p.detach(), alpha=1 - d)
+        with torch.no_grad():   # one fused call per op, not one kernel per tensor
+            torch._foreach_mul_(self.shadow, d)
+            torch._foreach_add_(self.shadow, [p.detach() for p in self.params], alpha=1 - d)
 
 
 def write_card(folder: Path, stats: dict, scores: dict | None) -> None:
@@ -261,13 +261,11 @@ def pretrain(args, log=print) -> dict:
     token_cache: dict[str, list[int]] = {}
 
     def encode_text(texts):
-        ids = []
-        for t in texts:
-            if t not in token_cache:
-                token_cache[t] = tok(t, padding="max_length", max_length=tok.model_max_length,
-                                     truncation=True).input_ids
-            ids.append(token_cache[t])
-        return te(torch.tensor(ids, device=dev))[0]
+        missing = list(dict.fromkeys(t for t in texts if t not in token_cache))
+        if missing:   # one batched tokenizer call for the captions not seen before
+            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+            token_cache.update(zip(missing, ids))
+        return te(torch.tensor([token_cache[t] for t in texts], device=dev))[0]
 
     total = args.unet_steps or 10 ** 9
     losses, step, last_save = [], 0, time.time()
