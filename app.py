@@ -1,0 +1,79 @@
+"""embedtrain's web UI. `python app.py` opens it on the built-in demo model and demo dataset.
+
+Flags: --host (default 127.0.0.1), --port, --auth user:pass or a file of user:pass lines, --model,
+--data, --outputs, --insecure (allow a non-local --host without --auth). Only the outputs folder and the
+bundled assets are served; training runs in its own process (embedtrain.ui.jobs), so closing the page
+or restarting the server never stops a job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+MAX_UPLOAD = "20mb"
+
+
+def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
+    """`user:pass`, or a file with one `user:pass` per line (blank lines and # comments ignored)."""
+    if not value:
+        return None
+    lines = [value]
+    if ":" not in value or Path(value).is_file():
+        path = Path(value)
+        if not path.is_file():
+            raise SystemExit(f"--auth must be user:pass or an existing file of user:pass lines, got {value!r}")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    pairs = []
+    for ln in lines:
+        user, sep, password = ln.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit(f"--auth entries must look like user:pass (both non-empty), got {ln!r}")
+        pairs.append((user, password))
+    if not pairs:
+        raise SystemExit(f"--auth file {value} holds no user:pass line")
+    return pairs
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("EMBEDTRAIN_PORT", 7860)))
+    p.add_argument("--auth", help="user:pass, or a file of user:pass lines; required for a non-local --host")
+    p.add_argument("--insecure", action="store_true", help="allow a non-local --host without --auth")
+    p.add_argument("--model", default="demo", help="default model: 'demo', a diffusers folder or a checkpoint")
+    p.add_argument("--data", default=str(ROOT / "assets" / "demo_dataset"), help="default dataset folder")
+    p.add_argument("--outputs", default=str(ROOT / "outputs"), help="where runs, grids and sweeps are written")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    auth = parse_auth(args.auth)
+    if args.host not in LOCAL_HOSTS and not auth and not args.insecure:
+        print(f"refusing to serve on --host {args.host} without --auth: anyone who can reach this machine "
+              "could train, read outputs and fill the disk. Add --auth user:pass (or --insecure if you "
+              "really mean it).", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    sys.path.insert(0, str(ROOT))
+    from embedtrain.ui.app import CSS, build_app
+    from embedtrain.ui.context import UIContext
+
+    ctx = UIContext(outputs=Path(args.outputs), model=args.model, data=args.data)
+    demo = build_app(ctx)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=args.host, server_port=args.port, auth=auth, css=CSS,
+                allowed_paths=[str(ctx.outputs), str(ROOT / "assets")], max_file_size=MAX_UPLOAD,
+                show_error=True, inbrowser=False, quiet=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

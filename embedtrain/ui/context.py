@@ -1,0 +1,42 @@
+"""What every tab of the web UI shares: the outputs folder, the job manager, the server's defaults,
+and the Train tab's input components (so other tabs can send settings to it).
+
+No torch here: the page must be served before any heavy import (bench/README.md, startup).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from embedtrain.ui.jobs import JobManager
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+ASSETS = ROOT / "assets"
+DEMO_DATASET = ASSETS / "demo_dataset"
+
+
+@dataclass
+class UIContext:
+    outputs: Path                  # every file the UI writes goes under here; the only folder it serves
+    model: str = "demo"            # default model source of the Train tab
+    data: str = str(DEMO_DATASET)  # default dataset folder of the Train tab
+    jobs: JobManager | None = None
+    # The Train tab's inputs, keyed by TrainConfig field name (batch_size, grad_accum, steps, step_unit,
+    # lr, lr_schedule, lr_min, lr_step_size, ...). Tabs built after it use these as outputs of their
+    # "Use these settings" buttons. Filled by embedtrain.ui.train_tab.build.
+    train: dict = field(default_factory=dict)
+    tabs: object = None            # the gr.Tabs, so a button can switch to the Train tab (selected="train")
+
+    def __post_init__(self):
+        self.outputs = Path(self.outputs).resolve()
+        if self.jobs is None:
+            self.jobs = JobManager(self.outputs)
+
+    def inside_outputs(self, path) -> Path:
+        """A path typed into the UI, resolved; refused unless it lies inside the outputs folder."""
+        p = Path(path).expanduser().resolve()
+        if p != self.outputs and self.outputs not in p.parents:
+            raise ValueError(f"{path} is outside the outputs folder {self.outputs}; the web UI only reads "
+                             "and writes there")
+        return p
