@@ -46,15 +46,22 @@ class CalcError(EmbedtrainError):
 # ------------------------------------------------------------------ input checks
 
 def _show(value) -> str:
-    """The value as the user typed it: CLI text unquoted ("got 0"), an empty text visibly ('')."""
+    """The value as the user typed it: CLI text unquoted ("got 0"), an empty text visibly (''), an
+    empty UI number box (None) as "nothing"."""
+    if value is None:
+        return "nothing"
     if isinstance(value, str):
         return value.strip() or repr(value)
     return str(value)
 
 
+# Larger counts mean a typo, and would make the divisor search of the full-cycle settings slow.
+MAX_COUNT = 10**9
+
+
 def _whole(name: str, value, minimum: int = 1) -> int:
-    """An integer >= minimum. UI number boxes and JSON hand us 13.0 or "13", so those are accepted;
-    13.5, True, nan and "abc" are not."""
+    """An integer in [minimum, MAX_COUNT]. UI number boxes and JSON hand us 13.0 or "13", so those are
+    accepted; 13.5, True, nan and "abc" are not."""
     n = None
     if isinstance(value, bool):
         n = None
@@ -74,6 +81,8 @@ def _whole(name: str, value, minimum: int = 1) -> int:
                 n = None
     if n is None or n < minimum:
         raise CalcError(f"{name} must be a whole number >= {minimum}, got {_show(value)}", name)
+    if n > MAX_COUNT:
+        raise CalcError(f"{name} must be a whole number <= {MAX_COUNT:,}, got {_show(value)}", name)
     return n
 
 
@@ -180,6 +189,18 @@ class Derived:
     def images_per_update(self) -> int:
         return self.batch_size * self.grad_accum * self.processes
 
+    @property
+    def batches_run(self) -> int:
+        """Batches embedtrain's trainer runs: the incomplete accumulation group at the end would change
+        nothing (no weight update follows it), so it is skipped."""
+        return self.weight_updates * self.grad_accum
+
+    @property
+    def epochs_run(self) -> float:
+        """Epochs the trainer shows: batches_run x BS x processes / images (= epochs unless
+        incomplete_batches > 0)."""
+        return self.batches_run * self.batch_size * self.processes / self.images
+
     def formula_rows(self) -> list[tuple[str, str, str]]:
         """(name, formula with the numbers filled in, value) for every derived number."""
         p = self.processes
@@ -226,14 +247,15 @@ class Derived:
         out = []
         if self.incomplete_batches:
             out.append(f"the last {self.incomplete_batches} of the {self.batches} batches end without a weight "
-                       f"update ({self.batches} is not a multiple of GA {self.grad_accum})")
+                       f"update ({self.batches} is not a multiple of GA {self.grad_accum}); embedtrain skips "
+                       f"them, so it trains {self.batches_run} batches = {_fmt(self.epochs_run)} epochs")
         if self.straddle:
             out.append(f"updates do not line up with epochs: the update that finishes the first epoch takes "
                        f"{self.straddle} images from the next one")
         return out
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "batches_run": self.batches_run, "epochs_run": self.epochs_run}
 
 
 def derive(images, batch_size, grad_accum, steps, step_unit="update", repeats=1, val_split=0.0,
@@ -252,6 +274,9 @@ def derive(images, batch_size, grad_accum, steps, step_unit="update", repeats=1,
     """
     train, val = split_counts(images, val_split)
     reps = _whole("repeats", repeats)
+    if train * reps > MAX_COUNT:
+        raise CalcError(f"repeats {reps} makes {train} x {reps} = {train * reps:,} training images, more than "
+                        f"{MAX_COUNT:,}; lower repeats", "repeats")
     n, bs, ga, p = _settings(train * reps, batch_size, grad_accum, processes)
     steps = _whole("steps", steps)
     unit = _step_unit(step_unit)
@@ -474,30 +499,43 @@ class StudyRun:
         return asdict(self)
 
 
-def _pair(name: str, value) -> tuple:
+def _pair(name: str, value, images: int, processes: int) -> tuple[int, int]:
+    """One (batch_size, grad_accum) setting of the study, checked; errors name it (low_batch_size)."""
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise CalcError(f"{name} must be a (batch_size, grad_accum) pair, got {_show(value)}", name)
-    return tuple(value)
+    try:
+        _, bs, ga, _ = _settings(images, value[0], value[1], processes)
+    except CalcError as err:
+        raise CalcError(f"{name}_{err}", f"{name}_{err.field}") from None
+    return bs, ga
 
 
 def study_table(images, low, high, low_steps, high_steps, step_unit="batch", processes=1) -> list[StudyRun]:
     """The four runs gaST, gast, GAST, GAst for two (BS, GA) settings and two step counts.
 
-    "ga" is whichever setting has the lower GA and "st" the lower step count, so the order the two are
-    given in does not matter; equal GAs or equal steps would make the names meaningless and are refused.
-    `images` are training images; step_unit defaults to "batch", the unit of the guide.
+    Args:
+        images: training images (after split and repeats), as in Derived.images.
+        low, high: the two (batch_size, grad_accum) settings. "ga" is whichever has the lower GA, so the
+            order does not matter; equal GAs would make the names meaningless and are refused.
+        low_steps, high_steps: the two run lengths in step_unit; likewise sorted, and must differ.
+        step_unit: "batch" by default, the unit of the guide.
+    Errors name the argument: low_batch_size, high_grad_accum, low_steps, ...
     """
-    a, b = _pair("low", low), _pair("high", high)
-    ga_low, ga_high = sorted([a, b], key=lambda pair: _whole("grad_accum", pair[1]))
-    if _whole("grad_accum", ga_low[1]) == _whole("grad_accum", ga_high[1]):
-        raise CalcError(f"grad_accum must differ between the two settings, got {ga_low[1]} twice", "grad_accum")
+    n = _whole("images", images)
+    p = _whole("processes", processes)
+    unit = _step_unit(step_unit)
+    a, b = _pair("low", low, n, p), _pair("high", high, n, p)
+    if a[1] == b[1]:
+        raise CalcError(f"high_grad_accum must differ from low_grad_accum (the study compares a low and a high "
+                        f"GA), got {a[1]} twice", "high_grad_accum")
+    ga_low, ga_high = sorted([a, b], key=lambda pair: pair[1])
     st, ST = sorted([_whole("low_steps", low_steps), _whole("high_steps", high_steps)])
     if st == ST:
         raise CalcError(f"high_steps must differ from low_steps, got {st} twice", "high_steps")
     plan = {"gaST": (ga_low, ST), "gast": (ga_low, st), "GAST": (ga_high, ST), "GAst": (ga_high, st)}
     runs = []
     for name, ((bs, ga), steps) in plan.items():
-        d = derive(images, bs, ga, steps, step_unit, processes=processes)
+        d = derive(n, bs, ga, steps, unit, processes=p)
         runs.append(StudyRun(name, STUDY_NAMES[name], d.batch_size, d.grad_accum, d.steps, d.step_unit,
                              d.batches, d.weight_updates, d.epochs, d.epochs_floor))
     return runs
