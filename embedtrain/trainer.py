@@ -63,7 +63,7 @@ class Trainer:
 
         self.cfg = cfg.validate()
         self.log = log
-        self.state = _dist_state()
+        self.state = _dist_state(cfg.device)
         self.rank, self.world = self.state["rank"], self.state["world"]
         self.device = self.state["device"] or models.resolve_device(cfg.device)
         self.autocast_dtype = models.resolve_precision(cfg.mixed_precision, self.device)
@@ -460,11 +460,19 @@ def _agree(flag: bool, world: int) -> bool:
     return bool(t.item() > 0)
 
 
-def _dist_state() -> dict:
-    """Rank, world size and device under torchrun / accelerate launch; single process otherwise."""
+def _dist_state(device: str = "auto") -> dict:
+    """Rank, world size and device under torchrun / accelerate launch; single process otherwise.
+
+    accelerate only sets up a multi-process CPU (gloo) run when told `cpu=True`; without it, on a machine
+    with no GPU, every process silently trains alone (seen with accelerate 1.15)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
         from accelerate import PartialState
-        state = PartialState()
+        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        state = PartialState(cpu=cpu)
+        if state.num_processes != int(os.environ["WORLD_SIZE"]):
+            raise RuntimeError(f"launched as {os.environ['WORLD_SIZE']} processes but accelerate set up "
+                               f"{state.num_processes} ({state.distributed_type}); refusing to train them apart")
         return {"rank": state.process_index, "world": state.num_processes, "device": state.device}
     return {"rank": 0, "world": 1, "device": None}
 
@@ -566,13 +574,15 @@ def cli(argv) -> int:
         signal.signal(signal.SIGINT, on_sigint)
         signal.signal(signal.SIGTERM, on_sigint)
         stop_file = run_dir / "STOP"
-        if stop_file.exists():
-            stop_file.unlink()
+        if int(os.environ.get("RANK", "0")) == 0:
+            stop_file.unlink(missing_ok=True)
         result = train(cfg, run_dir, resume=bool(args.resume),
                        stop=lambda: stop_requested["n"] > 0 or stop_file.exists())
     except EmbedtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the main process reports
+        return 1 if result.status == "failed" else 0
     if result.status == "failed":
         print(f"error: {result.message}", file=sys.stderr)
         return 1
