@@ -6,7 +6,8 @@ embedding is loaded under its own internal tokens, and prompts name it with a pl
 `[name]`). Every cell's starting latents come from a CPU `torch.Generator` freshly seeded with its
 row's seed, so all columns start from the same noise (a cell is exactly the image
 `pipe(prompt, generator=torch.Generator().manual_seed(seed))` draws alone; the same generator also
-feeds ancestral samplers). Cells are rendered in batches; batching never changes which noise a cell gets.
+feeds ancestral samplers). Cells are rendered in batches of rows of one column, so equal columns run
+the very same computation; batching never changes which noise a cell gets.
 
 Output: one PNG with A1111-style `parameters` (and a JSON `embedtrain` text chunk), and a folder
 beside it with every cell as its own PNG, each with its own `parameters`; all written atomically.
@@ -437,18 +438,20 @@ def render_grid(pipe, info, embeddings, settings: GridSettings, out=None, progre
     original = pipe.scheduler
     pipe.scheduler = _scheduler(pipe, s.sampler)
     shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    images, total = [], len(cells)
+    total = len(cells)
+    images = [None] * total
+    done = 0
     try:
-        for start in range(0, total, s.batch_size):
-            batch = list(range(start, min(start + s.batch_size, total)))
+        for batch in render_batches(len(rows), len(columns), s.batch_size):
             # a fresh generator per cell, seeded with its row's seed: the same starting noise in every column
             gens = [torch.Generator().manual_seed(cells[i].seed) for i in batch]
             latents = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(device)
 
-            def on_step(p, step, timestep, kw, _n=len(batch), _start=start):
+            def on_step(p, step, timestep, kw, _n=len(batch), _done=done):
                 if progress:
-                    progress(_start + _n * (step + 1) / s.sample_steps, total, f"cell {_start + 1}-{_start + _n} "
-                             f"of {total}: step {step + 1}/{s.sample_steps}")
+                    progress(_done + _n * (step + 1) / s.sample_steps, total,
+                             f"{cells[batch[0]].column}: step {step + 1}/{s.sample_steps} of cells "
+                             f"{_done + 1}-{_done + _n} of {total}")
                 return {}
 
             autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else _null()
@@ -458,9 +461,11 @@ def render_grid(pipe, info, embeddings, settings: GridSettings, out=None, progre
                             latents=latents, generator=gens, num_inference_steps=s.sample_steps,
                             guidance_scale=s.cfg_scale, height=height, width=width, output_type="pil",
                             callback_on_step_end=on_step)
-            images += out_.images
+            for i, im in zip(batch, out_.images):
+                images[i] = im
+            done += len(batch)
             if progress:
-                progress(batch[-1] + 1, total, f"rendered {batch[-1] + 1} of {total} cells")
+                progress(done, total, f"rendered {done} of {total} cells")
     finally:
         sampler = sampler_label(pipe, s.sampler)
         pipe.scheduler = original
@@ -476,6 +481,17 @@ def render_grid(pipe, info, embeddings, settings: GridSettings, out=None, progre
         result.files = _write(result, s, fields, info)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def render_batches(n_rows: int, n_cols: int, batch_size: int) -> list[list[int]]:
+    """Cell indices (row-major: row * n_cols + col) in the batches they are rendered in.
+
+    A batch holds rows of one column, chunked the same way in every column. So two columns whose
+    embeddings are equal run bit-for-bit the same computation and give pixel-identical images; mixing
+    columns in a batch would not (CPU and GPU kernels round differently at different batch positions).
+    """
+    return [[r * n_cols + c for r in range(start, min(start + batch_size, n_rows))]
+            for c in range(n_cols) for start in range(0, n_rows, batch_size)]
 
 
 def axes_fields(fields: dict, col_titles: list[str], rows, swap: bool) -> dict:

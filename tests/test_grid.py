@@ -1,0 +1,221 @@
+"""Seed-locked grids on the tiny model: identical starting noise per row, labels from metadata, the PNG's
+parameters, errors that name the file, and the steps-vs-GA study end to end."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from embedtrain.embedding import save_embedding
+from embedtrain.grid import (GridError, GridSettings, _picture, compose, describe_meta, fill, infotext,
+                             parse_seeds, render_grid)
+
+META = {"batch_size": 13, "grad_accum": 2, "step": 3000, "step_unit": "batch", "updates": 1500,
+        "epochs": "1500.0000", "lr": 0.005, "lr_schedule": "constant", "init_text": "star"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(2)
+    from embedtrain.models import load_pipeline
+    return load_pipeline("tiny")
+
+
+@pytest.fixture
+def files(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    a = save_embedding(tmp_path / "emb" / "alpha.safetensors", torch.randn(2, 32, generator=g), "alpha", META)
+    b = save_embedding(tmp_path / "emb" / "beta.pt", 3 * torch.randn(1, 32, generator=g), "beta", {}, fmt="a1111")
+    return a, b
+
+
+# ------------------------------------------------------------------ pure parts
+def test_seeds_prompts_and_labels_by_hand():
+    assert parse_seeds("1 2, 5-7") == [1, 2, 5, 6, 7]
+    assert parse_seeds(["3", "4"]) == [3, 4]
+    for bad in ("x", "-1", "7-5", ""):
+        with pytest.raises(GridError, match="seeds"):
+            parse_seeds(bad)
+    assert fill("a photo of {} by [name]", "<t0> <t1>") == "a photo of <t0> <t1> by <t0> <t1>"
+    assert describe_meta(META) == ["BS 13 · GA 2", "steps 3000 (batches)", "epochs 1500 · updates 1500", "LR 0.005"]
+    assert describe_meta({"step": "500"}) == ["steps 500"]   # an A1111 .pt knows only its step
+    assert describe_meta({}) == []
+    assert infotext("a, b", "ugly", {"Steps": 20, "Model hash": "", "Y Values": "x, y"}) == \
+        'a, b\nNegative prompt: ugly\nSteps: 20, Y Values: "x, y"'
+
+
+def test_batches_hold_rows_of_one_column_chunked_alike():
+    from embedtrain.grid import render_batches
+    assert render_batches(3, 2, 2) == [[0, 2], [4], [1, 3], [5]]
+    assert render_batches(2, 3, 8) == [[0, 3], [1, 4], [2, 5]]
+    assert sorted(i for b in render_batches(5, 4, 3) for i in b) == list(range(20))
+
+
+def test_settings_errors_name_the_field():
+    for kw, field in [({"prompts": ["a photo"]}, "prompts"), ({"seeds": [-1]}, "seeds"),
+                      ({"sample_steps": 0}, "sample_steps"), ({"sampler": "magic"}, "sampler"),
+                      ({"width": 30}, "width"), ({"cfg_scale": float("nan")}, "cfg_scale")]:
+        with pytest.raises(GridError, match=field):
+            GridSettings(**kw).validate()
+
+
+def test_compose_sizes_and_axes_swap():
+    ims = [Image.new("RGB", (32, 32), (i * 40, 0, 0)) for i in range(6)]
+    g = compose(ims, 3, margin=2, cell=64)
+    assert g.size == (3 * 64 + 2 * 2, 2 * 64 + 2)
+    # cell (row 1, col 2) is image 5, enlarged pixel for pixel
+    assert g.getpixel((2 * 66 + 10, 66 + 10)) == (200, 0, 0)
+    assert compose(ims, 3).size == (3 * 192, 2 * 192)   # small images are enlarged to MIN_CELL
+    from embedtrain.grid import Column
+    cols = [Column("a", "a"), Column("b", "b"), Column("c", "c")]
+    rows = [("p {}", 1), ("p {}", 2)]
+    s = GridSettings(legend=False, cell_size=32)
+    assert _picture(ims, rows, cols, s).size == (96, 64)
+    swapped = _picture(ims, rows, cols, GridSettings(legend=False, cell_size=32, swap_axes=True))
+    assert swapped.size == (64, 96)
+    # swapped: row = column c, column = row r, so image (r=1, c=2) = ims[5] sits at (x=1, y=2)
+    assert swapped.getpixel((32 + 5, 64 + 5)) == (200, 0, 0)
+    labelled = _picture(ims, rows, cols, GridSettings(cell_size=32))
+    assert labelled.size[0] > 96 and labelled.size[1] > 64   # headers and row labels take room
+
+
+# ------------------------------------------------------------------ rendering on the tiny model
+@pytest.mark.slow
+def test_grid_is_seed_locked_labelled_and_written(tiny, files, tmp_path):
+    pipe, info = tiny
+    a, b = files
+    captured = []
+    original = pipe.prepare_latents
+
+    def spy(*args, **kwargs):  # the latents the pipeline really starts from
+        lat = args[-1] if args else kwargs["latents"]
+        captured.append(lat.detach().clone())
+        return original(*args, **kwargs)
+
+    pipe.prepare_latents = spy
+    progress = []
+    try:
+        # a, b, a again, then the baseline: 4 columns; batch 3 splits rows across batches
+        settings = GridSettings(prompts=["a photo of {}"], seeds=[1, 2], sample_steps=2, baseline="star",
+                                batch_size=3)
+        out = tmp_path / "outputs" / "grids" / "ab.png"
+        r = render_grid(pipe, info, [a, b, a], settings, out, progress=lambda d, t, m: progress.append((d, t)))
+    finally:
+        del pipe.prepare_latents
+
+    assert [c.name for c in r.columns] == ["alpha", "beta", "alpha", "baseline: star"]
+    assert len(r.cells) == 8 and [(c.row, c.col, c.seed) for c in r.cells[:5]] == \
+        [(0, 0, 1), (0, 1, 1), (0, 2, 1), (0, 3, 1), (1, 0, 2)]
+    px = [np.asarray(im) for im in r.images]
+    for row in range(2):
+        same_a = px[row * 4], px[row * 4 + 2]
+        assert np.array_equal(*same_a), "the same embedding in two columns must give identical pixels"
+        assert not np.array_equal(px[row * 4], px[row * 4 + 1]), "a different embedding must change the image"
+    assert not np.array_equal(px[0], px[4]), "different seeds must give different images"
+
+    # one batch per column (batch 3 >= 2 rows), each starting from the rows' seeds' noise
+    assert [c.shape[0] for c in captured] == [2, 2, 2, 2]
+    for col, lat in enumerate(captured):
+        for row, seed in enumerate([1, 2]):
+            expect = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(seed))
+            assert torch.equal(lat[row:row + 1], expect), f"column {col} row {row} did not start from seed {seed}"
+    assert torch.equal(captured[0], captured[1]) and not torch.equal(captured[0][0], captured[0][1])
+
+    # a cell is the image the pipeline draws alone from that seed (baseline: the init text itself),
+    # up to float rounding: a batch of 2 and a batch of 1 round differently
+    alone = pipe("a photo of star", generator=torch.Generator().manual_seed(2), num_inference_steps=2,
+                 height=32, width=32).images[0]
+    diff = np.abs(np.asarray(alone).astype(int) - px[7].astype(int))
+    assert diff.max() <= 2 and (diff == 0).mean() > 0.95, diff.max()
+
+    assert r.columns[0].label == ["alpha", "BS 13 · GA 2", "steps 3000 (batches)", "epochs 1500 · updates 1500",
+                                  "LR 0.005"]
+    assert r.columns[1].label == ["beta", "steps 0"]
+    assert progress[-1] == (8, 8) and len(progress) > 3
+
+    grid = Image.open(out)
+    params = grid.text["parameters"]
+    assert params.startswith("a photo of alpha\n")
+    for part in ("Steps: 2", "Sampler: DDIM", "CFG scale: 7.5", "Seed: 1", "Size: 32x32", "Model: tiny",
+                 'X Values: "alpha, beta, alpha, baseline: star"'):
+        assert part in params, (part, params)
+    spec = json.loads(grid.text["embedtrain"])
+    assert spec["settings"]["seeds"] == [1, 2] and spec["columns"][0]["meta"]["grad_accum"] == "2"
+    cells = sorted((tmp_path / "outputs" / "grids" / "ab").glob("*.png"))
+    assert len(cells) == 8
+    one = Image.open(cells[5])
+    assert "Seed: 2" in one.text["parameters"] and "Embedding: beta" in one.text["parameters"]
+    assert np.array_equal(np.asarray(one.convert("RGB")), px[5])
+    assert not list((tmp_path / "outputs").rglob("*.tmp")), "no temp files may be left behind"
+
+
+def test_missing_or_incompatible_embedding_is_a_clear_error(tiny, tmp_path):
+    pipe, info = tiny
+    s = GridSettings(prompts=["a {}"], seeds=[1], sample_steps=1)
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(GridError, match=f"embedding file {missing} does not exist"):
+        render_grid(pipe, info, [missing], s)
+    wide = save_embedding(tmp_path / "sd1.safetensors", torch.randn(1, 768), "sd1")
+    with pytest.raises(GridError) as e:
+        render_grid(pipe, info, [wide], s)
+    msg = str(e.value)
+    assert str(wide) in msg and "768" in msg and "SD 1.x" in msg and "32" in msg
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a tensor file at all")
+    with pytest.raises(Exception, match="junk.safetensors"):
+        render_grid(pipe, info, [junk], s)
+
+
+def test_grid_cli_refuses_a_missing_file_before_loading_the_model(tmp_path, capsys):
+    from embedtrain.grid import cli_grid
+    rc = cli_grid(["--model", "tiny", "--embeddings", str(tmp_path / "gone.pt"), "--out", str(tmp_path / "g.png"),
+                   "--progress", "json"])
+    out = capsys.readouterr().out
+    assert rc == 2 and json.loads(out.splitlines()[-1]) == {
+        "event": "error", "message": f"embedding file {tmp_path / 'gone.pt'} does not exist"}
+
+
+# ------------------------------------------------------------------ the study
+@pytest.mark.slow
+def test_study_trains_four_runs_and_writes_grid_pairs_and_table(images, tmp_path, capsys):
+    from embedtrain.calculator import study_table
+    from embedtrain.grid import cli_study
+    out = tmp_path / "outputs" / "study"
+    rc = cli_study(["--model", "tiny", "--data", str(images), "--name", "zorb", "--init-text", "circle",
+                    "--template", "object", "--val-split", "0.25", "--lr", "0.02", "--seed", "3",
+                    "--low", "2,1", "--high", "1,3", "--low-steps", "3", "--high-steps", "6",
+                    "--prompts", "a photo of {}", "--seeds", "5", "--sample-steps", "2", "--study-out", str(out),
+                    "--progress", "json"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert rc == 0, lines[-1]
+    done = lines[-1]
+    assert done["event"] == "done" and any("training GAST" in x.get("message", "") for x in lines)
+
+    with open(out / "study.csv", newline="") as fh:
+        rows = {r["run"]: r for r in csv.DictReader(fh)}
+    plan = {r.name: r for r in study_table(6, (2, 1), (1, 3), 3, 6, "batch")}   # 8 images - 25% validation
+    assert set(rows) == {"gaST", "gast", "GAST", "GAst"}
+    for name, r in rows.items():
+        assert int(r["weight_updates"]) == plan[name].weight_updates
+        assert float(r["epochs"]) == pytest.approx(plan[name].epochs, abs=0.01)
+        assert float(r["final_loss"]) > 0 and float(r["val_loss"]) > 0 and r["status"] == "finished"
+    assert [rows[n]["weight_updates"] for n in ("gaST", "gast", "GAST", "GAst")] == ["6", "3", "2", "1"]
+
+    configs = [json.loads((out / n / "config.json").read_text()) for n in rows]
+    assert len({(c["seed"], c["data"], c["val_split"], c["lr"]) for c in configs}) == 1
+    from embedtrain.embedding import load_embedding
+    vecs = {n: load_embedding(out / n / f"zorb-{n}.safetensors").vectors for n in rows}
+    assert not torch.equal(vecs["gaST"], vecs["gast"]) and not torch.equal(vecs["GAST"], vecs["GAst"])
+
+    grid = Image.open(out / "grid.png")
+    spec = json.loads(grid.text["embedtrain"])
+    assert [c["name"] for c in spec["columns"]] == ["zorb-gaST", "zorb-gast", "zorb-GAST", "zorb-GAst",
+                                                    "baseline: circle"]
+    assert spec["columns"][2]["details"][0] == "BS 1 · GA 3"
+    for a, b in (("gaST", "GAst"), ("gaST", "GAST"), ("gast", "GAst"), ("gaST", "gast")):
+        pair = Image.open(out / f"{a}-vs-{b}.png")
+        assert f'X Values: "zorb-{a}, zorb-{b}"' in pair.text["parameters"]
+    assert "| gaST | low GA, high steps | 2 | 1 | 6 | batch | 6 |" in (out / "study.md").read_text()
