@@ -34,4 +34,6 @@ def build_app(ctx: UIContext) -> gr.Blocks:
             for label, tab_id, module in TABS:
                 with gr.Tab(label, id=tab_id, elem_id=f"tab-{tab_id}"):
                     importlib.import_module(module).build(ctx)
+        for fn, inputs, outputs in ctx.on_load:
+            demo.load(fn, inputs, outputs, show_progress="hidden")
     return demo

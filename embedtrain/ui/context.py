@@ -27,6 +27,7 @@ class UIContext:
     # "Use these settings" buttons. Filled by embedtrain.ui.train_tab.build.
     train: dict = field(default_factory=dict)
     tabs: object = None            # the gr.Tabs, so a button can switch to the Train tab (selected="train")
+    on_load: list = field(default_factory=list)  # (fn, inputs, outputs) run when a page opens or reloads
 
     def __post_init__(self):
         self.outputs = Path(self.outputs).resolve()

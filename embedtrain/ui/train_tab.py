@@ -1,7 +1,422 @@
-"""Train tab (being written)."""
+"""Train tab: the form (one input per TrainConfig field it shows), the derived numbers and schedule
+preview before training, then live progress, plots, previews and files while the job process runs.
+
+The page never trains itself: Train starts `python -m embedtrain train --config job.json` through the
+JobManager, and a 1 s timer reads the run folder. Closing or reloading the page loses nothing: the
+timer finds the running job again. The pure helpers (form_config, derived_text, schedule_frame,
+status_view) are tested without a browser.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 
+from embedtrain import EmbedtrainError
+from embedtrain.config import OPTIMIZERS, STEP_UNITS, TEMPLATES, TrainConfig, apply_preset
+
+SCHEDULES = ["constant", "linear", "cosine", "cosine_restarts", "polynomial", "piecewise", "triangular",
+             "triangular2", "exp_range", "cosine_cycles", "one_cycle"]
+
+# Form fields in the order the callbacks receive them.
+FIELDS = ["model", "data", "name", "init_text", "vectors", "template", "batch_size", "grad_accum", "steps",
+          "step_unit", "lr", "lr_schedule", "lr_piecewise", "lr_warmup", "lr_min", "lr_cycles", "lr_step_size",
+          "lr_step_size_epochs", "lr_cycle_start", "optimizer", "val_split", "val_every", "save_every",
+          "preview_every", "preview_prompt", "seed", "resolution", "flip", "run_name"]
+
+INFO = {
+    "batch_size": "images per batch (per process)",
+    "grad_accum": "gradient accumulation: batches summed into one weight update",
+    "steps": "training length, counted in the step unit",
+    "step_unit": "update = weight updates (A1111's code, diffusers); batch = batches shown (the users' guide)",
+    "lr": "learning rate; the top of a cyclical schedule. A1111 syntax such as 0.005:100, 1e-3:1000, 1e-5 "
+          "also works here",
+    "val_split": "fraction of the images held out for validation loss (0 = none)",
+}
+
+
+def default_config(ctx) -> TrainConfig:
+    """What the form shows on first open: the model's preset (the demo's for `demo`) on the default data."""
+    cfg = TrainConfig(model=ctx.model, data=ctx.data, name="purplestar" if ctx.model == "demo" else "mytoken",
+                      out=str(ctx.outputs))
+    return apply_preset(cfg, explicit={"name", "data", "model", "out"})
+
+
+def form_config(ctx, values: dict) -> TrainConfig:
+    """The form's values as a validated TrainConfig (every shown field counts as typed: presets don't apply)."""
+    data = dict(values)
+    data["run_name"] = str(data.get("run_name") or "").strip()
+    lr = str(data.get("lr", "")).strip()
+    try:
+        data["lr"] = float(lr)
+    except ValueError:
+        if ":" in lr:  # A1111 piecewise typed into the LR box
+            data["lr_piecewise"], data["lr_schedule"], data["lr"] = lr, "piecewise", 0.0
+        else:
+            raise EmbedtrainError(f"lr must be a number such as 0.005 or A1111's '0.005:100, 1e-3:1000, 1e-5', "
+                                  f"got {lr!r}") from None
+    for key in ("vectors", "batch_size", "grad_accum", "steps", "lr_warmup", "lr_step_size", "val_every",
+                "save_every", "preview_every", "seed", "resolution"):
+        v = data.get(key)
+        if isinstance(v, float) and v.is_integer():
+            data[key] = int(v)
+        elif v is None or (isinstance(v, float)):
+            raise EmbedtrainError(f"{key} must be a whole number, got {v!r}")
+    data["out"] = str(ctx.outputs)
+    cfg = TrainConfig.from_dict(data)
+    return apply_preset(cfg, explicit=set(data)).validate()  # presets fill only what the form doesn't show
+
+
+def derived_text(ctx, values: dict) -> str:
+    """One line of the calculator's numbers for the form's settings, or the error that stops them."""
+    from embedtrain.calculator import CalcError, derive, split_counts
+    try:
+        cfg = form_config(ctx, values)
+        images = _count_images(cfg.data)
+        train, val = split_counts(images, cfg.val_split)
+        d = derive(train, cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.step_unit, repeats=1)
+    except (EmbedtrainError, CalcError, ValueError) as e:
+        return f"Error: {e}"
+    full = "**full-cycle**" if d.full_cycle else f"not full-cycle (full-cycle needs BS x GA = {d.images})"
+    extra = f", {val} held out for validation" if val else ""
+    return (f"**{d.images} images**{extra} · {d.weight_updates} weight updates · {d.batches} batches · "
+            f"**{d.epochs:.2f} epochs** ({d.updates_per_epoch:.3g} updates per epoch) · {full}")
+
+
+def schedule_frame(ctx, values: dict) -> tuple[pd.DataFrame, str]:
+    """LR against weight update for the form's schedule (at most ~400 points), and a description or error."""
+    from embedtrain.calculator import derive, split_counts
+    from embedtrain.schedules import build_schedule, describe
+    try:
+        cfg = form_config(ctx, values)
+        train, _ = split_counts(_count_images(cfg.data), cfg.val_split)
+        d = derive(train, cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.step_unit)
+        s = build_schedule(cfg.lr_schedule, cfg.lr, d.weight_updates, min_lr=cfg.lr_min, warmup=cfg.lr_warmup,
+                           cycles=cfg.lr_cycles, power=cfg.lr_power, piecewise=cfg.lr_piecewise,
+                           step_size=cfg.lr_step_size, step_size_epochs=cfg.lr_step_size_epochs,
+                           updates_per_epoch=d.updates_per_epoch, gamma=cfg.lr_gamma,
+                           cycle_decay=cfg.lr_cycle_decay, decay_factor=cfg.lr_decay_factor, extend=cfg.lr_extend,
+                           start=cfg.lr_cycle_start)
+    except Exception as e:  # any bad setting: show why instead of a plot
+        return pd.DataFrame({"update": [], "lr": []}), f"Error: {e}"
+    n = d.weight_updates
+    stride = max(1, n // 400)
+    us = list(range(0, n, stride)) + [n - 1]
+    return pd.DataFrame({"update": [u + 1 for u in us], "lr": [s(u) for u in us]}), describe(s)
+
+
+_count_cache: dict = {}
+
+
+def _count_images(folder: str) -> int:
+    """Usable images in a folder (cached on the folder's mtime: the form calls this on every keystroke)."""
+    from embedtrain.data import scan_folder
+    p = Path(folder)
+    key = (str(p), p.stat().st_mtime if p.is_dir() else None)
+    if key not in _count_cache:
+        samples, _ = scan_folder(p, 64)
+        _count_cache[key] = len(samples)
+    return _count_cache[key]
+
+
+def dataset_view(folder: str):
+    """(markdown, thumbnails) for a dataset folder: usable images, skipped files with reasons."""
+    from embedtrain.data import scan_folder
+    try:
+        samples, skipped = scan_folder(folder, 96)
+    except EmbedtrainError as e:
+        return f"Error: {e}", []
+    text = f"{len(samples)} usable images"
+    if skipped:
+        text += f"; skipped {len(skipped)}: " + "; ".join(f"{s.path.name} ({s.reason})" for s in skipped[:5])
+    return text, [(s.image, s.caption) for s in samples[:24]]
+
+
+# ---------------------------------------------------------------- live status
+
+def _fmt_eta(s) -> str:
+    if s is None:
+        return "?"
+    s = int(s)
+    return f"{s // 60}:{s % 60:02d}" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}"
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    frac = done / total if total else 0.0
+    fill = int(round(width * frac))
+    return "█" * fill + "░" * (width - fill) + f" {frac:.0%}"
+
+
+def plot_frames(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """log.csv rows -> (loss frame in long form: update, value, series; lr frame: update, lr, series)."""
+    loss, lr = [], []
+    for r in rows:
+        try:
+            u = int(r["update"])
+        except (KeyError, ValueError):
+            continue
+        for key, label in (("loss", "loss"), ("val_loss", "validation loss"), ("val_train_loss", "stabilized train loss")):
+            v = r.get(key)
+            if v not in (None, ""):
+                loss.append((u, float(v), label))
+        if r.get("lr") not in (None, ""):
+            lr.append((u, float(r["lr"]), "lr"))
+        e = r.get("effective_lr")
+        if e not in (None, "") and r.get("lr") not in (None, "") and abs(float(e) - float(r["lr"])) > 1e-12:
+            lr.append((u, float(e), "effective lr (d x lr)"))
+    return (pd.DataFrame(loss, columns=["update", "value", "series"]),
+            pd.DataFrame(lr, columns=["update", "lr", "series"]))
+
+
+def status_view(st) -> dict:
+    """A JobStatus as the strings and frames the page shows."""
+    if st.state == "idle":
+        return dict(progress="No job running. Fill the form and press **Train**.", loss=plot_frames([])[0],
+                    lr=plot_frames([])[1], previews=[], files=[], run="", running=False, summary="")
+    head = {"running": "Training", "finished": "Finished", "stopped": "Stopped", "failed": "Failed",
+            "crashed": "Crashed"}.get(st.state, st.state)
+    lines = [f"**{head}: {st.name}**", f"`{_bar(st.update, st.weight_updates)}`  update {st.update} / "
+             f"{st.weight_updates or '?'}"]
+    if st.state == "running":
+        lines[-1] += f" · ETA {_fmt_eta(st.eta_s)}"
+    if st.loss is not None:
+        lines.append(f"loss {st.loss:.4f}" + (f" · validation loss {float(st.val_loss):.4f}"
+                                              if st.val_loss not in (None, "") else ""))
+    if st.message:
+        lines.append(("**Error:** " if st.state in ("failed", "crashed") else "") + st.message.replace("\n", "  \n"))
+    loss, lr = plot_frames(st.rows)
+    files = sorted(str(p) for p in Path(st.run_dir).glob("*") if p.suffix in (".safetensors", ".pt", ".json",
+                                                                              ".csv", ".bin")) if st.run_dir else []
+    return dict(progress="  \n".join(lines), loss=loss, lr=lr, previews=st.previews[-8:][::-1], files=files,
+                run=st.run_dir, running=st.state == "running", summary=st.summary)
+
+
+def history_frame(jobs) -> pd.DataFrame:
+    rows = []
+    for st in jobs.history()[:50]:
+        rows.append({"run": Path(st.run_dir).name, "embedding": st.name, "state": st.state,
+                     "updates": f"{st.update}/{st.weight_updates}",
+                     "final loss": None if st.loss is None else round(st.loss, 4),
+                     "validation loss": None if st.val_loss in (None, "") else round(float(st.val_loss), 4)})
+    return pd.DataFrame(rows, columns=["run", "embedding", "state", "updates", "final loss", "validation loss"])
+
+
+# ---------------------------------------------------------------- the tab
 
 def build(ctx) -> None:
-    gr.Markdown("Train")
+    cfg = default_config(ctx)
+    c: dict = {}
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row():
+                c["model"] = gr.Textbox(cfg.model, label="Model", scale=4,
+                                        info="'demo' (built in), a diffusers folder, or a .safetensors/.ckpt file")
+                load_btn = gr.Button("Load", scale=1, size="sm")
+            model_info = gr.Markdown("", elem_id="model-info")
+            with gr.Row():
+                c["data"] = gr.Textbox(cfg.data, label="Dataset folder", scale=4,
+                                       info="images (png/jpg/webp/bmp) with optional caption .txt files")
+            data_info = gr.Markdown("", elem_id="data-info")
+            thumbs = gr.Gallery(label="Dataset", columns=8, height=120, allow_preview=False, show_label=False)
+            with gr.Row():
+                c["name"] = gr.Textbox(cfg.name, label="Embedding name", info="also the word you write in prompts")
+                c["init_text"] = gr.Textbox(cfg.init_text, label="Initialization text")
+                c["vectors"] = gr.Number(cfg.vectors, label="Vectors per token", precision=0, minimum=1, maximum=75)
+                c["template"] = gr.Dropdown(list(TEMPLATES), value=cfg.template, label="Prompt template",
+                                            allow_custom_value=True)
+            with gr.Row():
+                c["batch_size"] = gr.Number(cfg.batch_size, label="Batch size", precision=0, minimum=1,
+                                            info=INFO["batch_size"])
+                c["grad_accum"] = gr.Number(cfg.grad_accum, label="Gradient accumulation steps", precision=0,
+                                            minimum=1, info=INFO["grad_accum"])
+                c["steps"] = gr.Number(cfg.steps, label="Max steps", precision=0, minimum=1, info=INFO["steps"])
+                c["step_unit"] = gr.Radio(list(STEP_UNITS), value=cfg.step_unit, label="Steps count",
+                                          info=INFO["step_unit"])
+            derived = gr.Markdown("", elem_id="derived", elem_classes="et-derived")
+            with gr.Row():
+                c["lr"] = gr.Textbox(str(cfg.lr), label="Learning rate", info=INFO["lr"])
+                c["lr_schedule"] = gr.Dropdown(SCHEDULES, value=cfg.lr_schedule, label="LR schedule")
+                c["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=cfg.optimizer, label="Optimizer",
+                                             info="dadapt_adam / prodigy / schedulefree_adamw find their own "
+                                                  "step size (use LR 1.0)")
+            with gr.Accordion("Schedule parameters", open=False):
+                with gr.Row():
+                    c["lr_piecewise"] = gr.Textbox(cfg.lr_piecewise, label="Piecewise (A1111 syntax)",
+                                                   placeholder="0.005:100, 1e-3:1000, 1e-5")
+                    c["lr_warmup"] = gr.Number(cfg.lr_warmup, label="Warmup (updates)", precision=0, minimum=0)
+                    c["lr_min"] = gr.Number(cfg.lr_min, label="Min LR (end of decay / bottom of cycle)", minimum=0)
+                with gr.Row():
+                    c["lr_cycles"] = gr.Number(cfg.lr_cycles, label="Cycles", minimum=0)
+                    c["lr_step_size"] = gr.Number(cfg.lr_step_size, label="Cycle step size (updates per half "
+                                                  "cycle, 0 = derive)", precision=0, minimum=0)
+                    c["lr_step_size_epochs"] = gr.Number(cfg.lr_step_size_epochs, label="Step size as k x epoch",
+                                                         minimum=0)
+                    c["lr_cycle_start"] = gr.Radio(["low", "high"], value=cfg.lr_cycle_start, label="Cycle starts")
+            schedule_plot = gr.LinePlot(x="update", y="lr", title="Learning rate schedule (preview)", height=200,
+                                        x_title="weight update", y_title="learning rate")
+            schedule_desc = gr.Markdown("")
+            with gr.Accordion("Validation, saving, previews, seed", open=False):
+                with gr.Row():
+                    c["val_split"] = gr.Number(cfg.val_split, label="Validation split", minimum=0, maximum=0.9,
+                                               info=INFO["val_split"])
+                    c["val_every"] = gr.Number(cfg.val_every, label="Validation every (updates)", precision=0, minimum=0)
+                    c["save_every"] = gr.Number(cfg.save_every, label="Save a snapshot every (updates)", precision=0,
+                                                minimum=0)
+                    c["preview_every"] = gr.Number(cfg.preview_every, label="Preview every (updates)", precision=0,
+                                                   minimum=0)
+                with gr.Row():
+                    c["preview_prompt"] = gr.Textbox(cfg.preview_prompt, label="Preview prompt")
+                    c["seed"] = gr.Number(cfg.seed, label="Seed", precision=0)
+                    c["resolution"] = gr.Number(cfg.resolution, label="Resolution (px)", precision=0, minimum=8, step=8)
+                    c["flip"] = gr.Checkbox(cfg.flip, label="Random horizontal flip")
+                    c["run_name"] = gr.Textbox("", label="Run folder name", placeholder="NAME-date-time")
+            with gr.Accordion("Settings file", open=False):
+                with gr.Row():
+                    save_cfg = gr.Button("Save settings as JSON", size="sm")
+                    cfg_file = gr.File(label="Settings JSON (download, or drop one here to load it)",
+                                       file_types=[".json"], elem_id="settings-file")
+        with gr.Column(scale=2):
+            with gr.Row():
+                train_btn = gr.Button("Train", variant="primary", elem_id="train-button", scale=3)
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1)
+                resume_btn = gr.Button("Resume", elem_id="resume-button", scale=1)
+            message = gr.Markdown("", elem_id="train-message")
+            progress = gr.Markdown("", elem_id="progress")
+            loss_plot = gr.LinePlot(x="update", y="value", color="series", title="Loss", height=260,
+                                    x_title="weight update", y_title="loss", elem_id="loss-plot")
+            lr_plot = gr.LinePlot(x="update", y="lr", color="series", title="Learning rate", height=180,
+                                  x_title="weight update", elem_id="lr-plot")
+            previews = gr.Gallery(label="Latest previews", columns=4, height=220, elem_id="previews")
+            run_dir = gr.Textbox(label="Run folder", interactive=False, elem_id="run-dir")
+            files = gr.File(label="Files written", file_count="multiple", interactive=False, elem_id="run-files")
+            with gr.Accordion("Run summary", open=False):
+                summary = gr.Code(label="Running training", language=None, interactive=False)
+            with gr.Accordion("Run history", open=False):
+                refresh_hist = gr.Button("Refresh", size="sm")
+                history = gr.Dataframe(history_frame(ctx.jobs), interactive=False, elem_id="history")
+                resume_pick = gr.Dropdown([], label="Run to resume / open", allow_custom_value=False)
+    ctx.train.update(c)
+    inputs = [c[k] for k in FIELDS]
+
+    def values_of(args) -> dict:
+        return dict(zip(FIELDS, args))
+
+    # ---- before training: derived numbers, schedule preview, dataset view
+    def refresh_derived(*args):
+        v = values_of(args)
+        frame, desc = schedule_frame(ctx, v)
+        return derived_text(ctx, v), frame, desc
+
+    for k in ("data", "batch_size", "grad_accum", "steps", "step_unit", "lr", "lr_schedule", "lr_piecewise",
+              "lr_warmup", "lr_min", "lr_cycles", "lr_step_size", "lr_step_size_epochs", "lr_cycle_start",
+              "val_split"):
+        c[k].change(refresh_derived, inputs, [derived, schedule_plot, schedule_desc], show_progress="hidden")
+    c["data"].change(dataset_view, c["data"], [data_info, thumbs], show_progress="hidden")
+
+    def load_model(source):
+        from embedtrain import models
+        try:
+            _, info = models.load_pipeline(source.strip())
+        except EmbedtrainError as e:
+            return f"Error: {e}"
+        return f"Loaded **{info.describe()}**"
+
+    load_btn.click(load_model, c["model"], model_info)
+
+    # ---- jobs
+    def start(*args):
+        try:
+            run = ctx.jobs.start(form_config(ctx, values_of(args)))
+        except EmbedtrainError as e:
+            return f"Error: {e}"
+        return f"Started: `{run}`"
+
+    def stop():
+        return ctx.jobs.stop()
+
+    def resume(pick):
+        runs = {Path(st.run_dir).name: st.run_dir for st in ctx.jobs.history()}
+        target = runs.get(pick or "")
+        if not target:
+            stopped = [st for st in ctx.jobs.history() if st.state == "stopped"]
+            if not stopped:
+                return "Error: no stopped run to resume"
+            target = stopped[0].run_dir
+        try:
+            run = ctx.jobs.start(None, resume_dir=target)
+        except EmbedtrainError as e:
+            return f"Error: {e}"
+        return f"Resumed: `{run}`"
+
+    train_btn.click(start, inputs, message, api_name="train")
+    stop_btn.click(stop, None, message, api_name="stop")
+    resume_btn.click(resume, resume_pick, message, api_name="resume")
+
+    def poll():
+        v = status_view(ctx.jobs.status())
+        return (v["progress"], v["loss"], v["lr"], v["previews"], v["run"], v["files"] or None, v["summary"],
+                gr.update(interactive=not v["running"]))
+
+    timer = gr.Timer(1.0)
+    poll_outputs = [progress, loss_plot, lr_plot, previews, run_dir, files, summary, train_btn]
+    timer.tick(poll, None, poll_outputs, show_progress="hidden", api_name="status")
+
+    def refresh_history():
+        frame = history_frame(ctx.jobs)
+        return frame, gr.update(choices=list(frame["run"]))
+
+    refresh_hist.click(refresh_history, None, [history, resume_pick])
+
+    def open_run(pick):
+        if not pick:
+            return gr.update(), gr.update()
+        try:
+            run = ctx.inside_outputs(ctx.outputs / pick)
+        except ValueError as e:
+            return f"Error: {e}", None
+        v = status_view(ctx.jobs.status(str(run)))
+        return v["run"], v["files"] or None
+
+    resume_pick.change(open_run, resume_pick, [run_dir, files])
+
+    # ---- settings JSON
+    def save_settings(*args):
+        try:
+            cfg_ = form_config(ctx, values_of(args))
+        except EmbedtrainError as e:
+            return None, f"Error: {e}"
+        folder = ctx.outputs / "configs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{cfg_.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        cfg_.save(path)
+        return str(path), f"Saved settings to `{path}`"
+
+    def load_settings(file):
+        if file is None:
+            return [gr.update() for _ in FIELDS] + [""]
+        path = file if isinstance(file, str) else getattr(file, "name", "")
+        try:
+            loaded = TrainConfig.load(path)
+        except EmbedtrainError as e:
+            return [gr.update() for _ in FIELDS] + [f"Error: {e}"]
+        out = []
+        for k in FIELDS:
+            val = getattr(loaded, k)
+            out.append(str(val) if k == "lr" else val)
+        return out + [f"Loaded settings from {Path(path).name}"]
+
+    save_cfg.click(save_settings, inputs, [cfg_file, message])
+    cfg_file.upload(load_settings, cfg_file, inputs + [message])
+
+    # ---- first paint (and every reload): derived numbers, schedule, dataset, history
+    def on_load(*args):
+        d, frame, desc = refresh_derived(*args)
+        text, pics = dataset_view(values_of(args)["data"])
+        frame_h = history_frame(ctx.jobs)
+        return d, frame, desc, text, pics, frame_h, gr.update(choices=list(frame_h["run"]))
+
+    ctx.on_load.append((on_load, inputs, [derived, schedule_plot, schedule_desc, data_info, thumbs, history,
+                                          resume_pick]))
