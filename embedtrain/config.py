@@ -21,6 +21,30 @@ class ConfigError(EmbedtrainError):
     """A setting is invalid; the message names it."""
 
 
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+MAX_NAME_CHARS = 64
+MAX_NAME_BYTES = 128   # name + "-20250101-120000" + ".learned_embeds.safetensors" stays under 255 bytes
+
+
+def check_safe_name(name, field_name: str = "name") -> str:
+    """An embedding or run name, which also becomes a file or folder name: return it stripped and
+    NFC-normalised, or raise ConfigError naming the field and saying what is allowed."""
+    import re
+    import unicodedata
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{field_name} must not be empty: type the word you will write in prompts")
+    name = unicodedata.normalize("NFC", name.strip())
+    if len(name) > MAX_NAME_CHARS or len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ConfigError(f"{field_name} is {len(name)} characters ({len(name.encode('utf-8'))} bytes) long; use at "
+                          f"most {MAX_NAME_CHARS} characters and {MAX_NAME_BYTES} bytes (it becomes a file name)")
+    if not re.fullmatch(r"\w[\w.\-]*", name) or ".." in name or name.endswith("."):
+        raise ConfigError(f"{field_name} {name!r} may hold only letters, digits, '_', '-' and '.', must not start "
+                          "with '.' or '-', end with '.' or hold '..' (it becomes a file name)")
+    if name.lower().split(".")[0] in WINDOWS_RESERVED:
+        raise ConfigError(f"{field_name} {name!r} is a reserved file name on Windows; pick another")
+    return name
+
+
 def _f(default, help_, **kw):
     return field(default=default, metadata={"help": help_, **kw})
 
@@ -101,6 +125,7 @@ class TrainConfig:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> "TrainConfig":
+        """Check every field (errors name it); strip and NFC-normalise `name` and `run_name`; return self."""
         def need(cond, name, valid):
             if not cond:
                 raise ConfigError(f"{name} must be {valid}, got {getattr(self, name)!r}")
@@ -118,7 +143,11 @@ class TrainConfig:
                 raise ConfigError(f"{f.name} must be text, got {v!r}")
         need(self.model.strip(), "model", "'demo', a diffusers folder or a checkpoint file")
         need(self.data.strip(), "data", "a folder of training images")
-        need(self.name.strip(), "name", "a non-empty embedding name")
+        # Normalised in place: " zorb" or a decomposed "é" would otherwise name files and prompts differently
+        # from the embedding's token, which then never appears in a prompt and is silently never trained.
+        self.name = check_safe_name(self.name, "name")
+        if self.run_name:
+            self.run_name = check_safe_name(self.run_name, "run_name")
         need(1 <= self.vectors <= 75, "vectors", "between 1 and 75")
         need(self.repeats >= 1, "repeats", ">= 1")
         need(self.resolution >= 8 and self.resolution % 8 == 0, "resolution", "a multiple of 8, >= 8")

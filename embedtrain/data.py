@@ -46,10 +46,10 @@ def to_rgb(img):
     from PIL import Image
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: keep the range, drop the low byte.
+        # 16-bit grayscale (PNG): scale 0..65535 to 0..255. Always the full 16-bit range: guessing the range
+        # from the brightest pixel would turn a dark 16-bit image (all values < 256) into a bright one.
         arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(arr / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     elif img.mode == "F":
         arr = np.asarray(img)
         img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8), "L")

@@ -11,8 +11,10 @@ In prompts the user writes the embedding's name; `TokenSet.expand` replaces it w
 (gaST / gast) still get distinct internal tokens.
 
 Files (DESIGN.md "Embedding files"): safetensors `{"emb_params": [N, dim]}` + metadata (default);
-A1111 `.pt`; diffusers `learned_embeds.safetensors` `{token: [N, dim]}`; SDXL `{clip_l, clip_g}` read.
-Loading never unpickles anything but tensors (`torch.load(weights_only=True)`); writes are atomic.
+A1111 `.pt`; diffusers `learned_embeds.safetensors` `{token: [N, dim]}`; SDXL `{clip_l, clip_g}` and
+A1111 embedding PNGs (the 'sd-ti-embedding' text chunk) read.
+Loading never unpickles anything but tensors (`torch.load(weights_only=True)`, refused on torch < 2.6),
+checks sizes and headers before reading data, and bounds decompression; writes are atomic.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +31,13 @@ from torch import nn
 from embedtrain import EmbedtrainError
 from embedtrain.fileio import atomic_path
 
-MAX_HEADER = 16 * 1024 * 1024      # a safetensors header larger than this is refused unread
+MAX_HEADER = 4 * 1024 * 1024       # a safetensors header larger than this is refused unread
+MAX_FILE = 64 * 1024 * 1024         # an embedding is kilobytes (75 x 2048 fp32 = 600 kB); refuse larger files unread
+MAX_PNG_TEXT = 8 * 1024 * 1024      # the A1111 'sd-ti-embedding' PNG text, after decompression
 MAX_VECTORS = 75                    # CLIP's 77-token context minus BOS/EOS
-RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+MAX_DIM = 4096                      # widest token vector accepted (SD 1.x 768, SD 2.x 1024, SDXL 1280)
+FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+SAFE_TORCH = (2, 6)                 # torch < 2.6: weights_only=True can be bypassed (CVE-2025-32434)
 
 
 class EmbeddingError(EmbedtrainError):
@@ -51,6 +56,7 @@ class ExtraTokenEmbedding(nn.Module):
         self.base = base
         self.first_id = first_id
         self.extras = nn.ParameterList()
+        self.names: list[str] = []  # user-facing names of the extras, in order (duplicates are refused)
 
     @property
     def weight(self):  # some library code reads token_embedding.weight for dtype/device
@@ -105,17 +111,15 @@ class TokenSet:
 
 
 def check_name(name: str, tokenizer=None) -> str:
-    """Validate an embedding name; it is also used for file names, so it must be safe as one."""
-    if not isinstance(name, str) or not name.strip():
-        raise EmbeddingError("name must not be empty: type the word you will write in prompts")
-    name = unicodedata.normalize("NFC", name.strip())
-    if len(name) > 64:
-        raise EmbeddingError(f"name is {len(name)} characters long; use at most 64")
-    if not re.fullmatch(r"[\w][\w.\-]*", name) or ".." in name:
-        raise EmbeddingError(f"name {name!r} may hold only letters, digits, '_', '-' and '.', "
-                             "and must not start with '.' or '-' (it becomes a file name)")
-    if name.lower().split(".")[0] in RESERVED:
-        raise EmbeddingError(f"name {name!r} is a reserved file name on Windows; pick another")
+    """Validate an embedding name; it is also used for file names, so it must be safe as one.
+
+    The file-name rules are `config.check_safe_name` (shared with TrainConfig.validate); with a
+    tokenizer, a word the model already knows is refused too."""
+    from embedtrain.config import ConfigError, check_safe_name
+    try:
+        name = check_safe_name(name, "name")
+    except ConfigError as e:
+        raise EmbeddingError(str(e)) from None
     if tokenizer is not None:
         vocab = tokenizer.get_vocab()
         low = name.lower()
@@ -141,6 +145,9 @@ def add_embedding(tokenizer, text_encoder, name: str, vectors: torch.Tensor | No
     """
     name = check_name(name, tokenizer if check_vocab else None)
     wrapper = install(tokenizer, text_encoder)
+    if name in wrapper.names:
+        raise EmbeddingError(f"an embedding named {name!r} is already loaded in this model; two embeddings with "
+                             "one name could not be told apart in prompts: rename one of them")
     dim = wrapper.base.embedding_dim
     if vectors is None:
         if not 1 <= num_vectors <= MAX_VECTORS:
@@ -158,6 +165,7 @@ def add_embedding(tokenizer, text_encoder, name: str, vectors: torch.Tensor | No
                              "load embeddings only through embedtrain.embedding")
     tokenizer.add_tokens(tokens)
     param = wrapper.add(vectors, trainable)
+    wrapper.names.append(name)
     return TokenSet(name=name, tokens=tokens, vectors=param)
 
 
@@ -176,19 +184,26 @@ def _as_matrix(t, where: str, path) -> torch.Tensor:
         raise EmbeddingError(f"{path}: {where} is not a floating-point tensor")
     if t.ndim == 1:
         t = t.unsqueeze(0)
-    if t.ndim != 2 or not 1 <= t.shape[0] <= MAX_VECTORS or t.shape[1] < 1:
-        raise EmbeddingError(f"{path}: {where} has shape {tuple(t.shape)}; expected [vectors <= {MAX_VECTORS}, dim]")
+    if t.ndim != 2 or not 1 <= t.shape[0] <= MAX_VECTORS or not 1 <= t.shape[1] <= MAX_DIM:
+        raise EmbeddingError(f"{path}: {where} has shape {tuple(t.shape)}; expected [vectors <= {MAX_VECTORS}, "
+                             f"dim <= {MAX_DIM}]")
     t = t.float()
     if not torch.isfinite(t).all():
         raise EmbeddingError(f"{path}: {where} holds NaN or infinite values")
     return t
 
 
-def _read_safetensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _check_size(path: Path) -> int:
     size = path.stat().st_size
+    if size > MAX_FILE:
+        raise EmbeddingError(f"{path}: {size / 2**20:.0f} MB is far too big for an embedding (at most "
+                             f"{MAX_FILE // 2**20} MB; embeddings are kilobytes). Is it a model checkpoint or a LoRA?")
+    return size
+
+
+def _safetensors_header(path: Path, size: int) -> dict:
+    """Read and check the header before any tensor data is touched: every entry must be a small
+    floating-point tensor whose offsets fit the file, so a lying header costs neither time nor memory."""
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
@@ -197,11 +212,47 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
         if n > MAX_HEADER or n + 8 > size:
             raise EmbeddingError(f"{path}: safetensors header claims {n} bytes in a {size}-byte file; "
                                  "the file is truncated or not a safetensors file")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise EmbeddingError(f"{path}: safetensors header is not valid JSON") from None
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise EmbeddingError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise EmbeddingError(f"{path}: safetensors header is not a JSON object")
+    data_len = size - 8 - n
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not entries or len(entries) > 16:
+        raise EmbeddingError(f"{path}: holds {len(entries)} tensors; an embedding file holds 1 to 16")
+    for key, e in entries.items():
+        bad = f"{path}: tensor {key!r} in the safetensors header"
+        if not isinstance(e, dict) or not isinstance(e.get("shape"), list) or not isinstance(e.get("data_offsets"), list):
+            raise EmbeddingError(f"{bad} lacks dtype/shape/data_offsets")
+        if e.get("dtype") not in FLOAT_DTYPES:
+            raise EmbeddingError(f"{bad} has dtype {e.get('dtype')!r}; embeddings are floating point "
+                                 f"({', '.join(FLOAT_DTYPES)})")
+        shape, offs = e["shape"], e["data_offsets"]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or len(shape) > 2 \
+                or (len(shape) == 2 and not (1 <= shape[0] <= MAX_VECTORS and 1 <= shape[1] <= MAX_DIM)) \
+                or (len(shape) == 1 and not 1 <= shape[0] <= MAX_DIM):
+            raise EmbeddingError(f"{bad} has shape {shape}; expected [vectors <= {MAX_VECTORS}, dim <= {MAX_DIM}]")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs) \
+                or not 0 <= offs[0] <= offs[1] <= data_len or offs[1] - offs[0] != numel * FLOAT_DTYPES[e["dtype"]]:
+            raise EmbeddingError(f"{bad} has data_offsets {offs}, which do not fit its shape {shape} and "
+                                 f"{e['dtype']} in {data_len} bytes of data: the file is damaged or truncated")
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise EmbeddingError(f"{path}: safetensors __metadata__ is not a JSON object")
+    return meta
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = _safetensors_header(path, _check_size(path))
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -209,23 +260,168 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
     return tensors, {str(k): str(v) for k, v in meta.items()}
 
 
+def _torch_is_safe() -> bool:
+    try:
+        major, minor = (int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= SAFE_TORCH
+
+
+def _refusal_reason(e: Exception) -> str:
+    """The useful line of torch's weights_only error (which also advises loading the file unsafely)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).replace("WeightsUnpickler error:", "")
+    advice = ("weights_only", "torch.load", "file an issue", "documentation", "Weights only load failed")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not any(a in ln for a in advice)]
+    return (lines[0] if lines else "content other than tensors")[:160]
+
+
 def _read_pickle(path: Path) -> dict:
     import pickle
+    import warnings
+    _check_size(path)
+    if not _torch_is_safe():
+        raise EmbeddingError(f"{path}: refused: torch {torch.__version__} can run code hidden in .pt/.bin files "
+                             "even when only tensors are asked for (CVE-2025-32434); upgrade to torch >= "
+                             f"{SAFE_TORCH[0]}.{SAFE_TORCH[1]} or use a .safetensors embedding")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        # nn.ParameterDict: the original textual-inversion code (and early A1111) pickled one; rebuilding it
+        # sets attributes only, from tensors and plain data.
+        with warnings.catch_warnings(), torch.serialization.safe_globals([nn.ParameterDict]):
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise EmbeddingError(f"{path}: refused: the file holds Python objects other than tensors and plain "
-                             f"data, which could run code when loaded ({str(e).splitlines()[0][:160]}). "
+                             f"data, which could run code when loaded ({_refusal_reason(e)}). "
                              "Only tensor files are loaded; ask for a .safetensors version.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
-        raise EmbeddingError(f"{path}: not a readable torch file ({str(e).splitlines()[0][:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, KeyError, IndexError,
+            RecursionError, struct.error) as e:
+        raise EmbeddingError(f"{path}: not a readable torch file ({_refusal_reason(e)})") from None
     if not isinstance(data, dict):
         raise EmbeddingError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
     return data
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_KEY = b"sd-ti-embedding"
+
+
+def _inflate(data: bytes, path: Path) -> bytes:
+    """zlib with a ceiling: a small chunk that would inflate past MAX_PNG_TEXT is refused (zlib bomb)."""
+    import zlib
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, MAX_PNG_TEXT + 1)
+    except zlib.error as e:
+        raise EmbeddingError(f"{path}: the compressed embedding text is damaged ({e})") from None
+    if len(out) > MAX_PNG_TEXT or d.unconsumed_tail:
+        raise EmbeddingError(f"{path}: the compressed embedding text inflates past {MAX_PNG_TEXT // 2**20} MB; "
+                             "refused (an embedding is kilobytes: this is a zlib bomb or not an embedding)")
+    return out
+
+
+def _png_embedding_text(path: Path) -> bytes:
+    """The A1111 'sd-ti-embedding' text chunk (tEXt, zTXt or iTXt), read chunk by chunk without decoding
+    pixels; every length is checked before it is read."""
+    import zlib
+    with open(path, "rb") as fh:
+        if fh.read(8) != PNG_SIGNATURE:
+            raise EmbeddingError(f"{path}: not a PNG file")
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
+                break
+            length, ctype = struct.unpack(">I4s", head)
+            if ctype == b"IEND":
+                break
+            if ctype not in (b"tEXt", b"zTXt", b"iTXt"):
+                fh.seek(length + 4, 1)
+                continue
+            if length > MAX_PNG_TEXT:
+                raise EmbeddingError(f"{path}: a PNG text chunk claims {length} bytes, over the "
+                                     f"{MAX_PNG_TEXT // 2**20} MB limit for an embedding; refused")
+            body = fh.read(length)
+            crc = fh.read(4)
+            if len(body) < length or len(crc) < 4:
+                raise EmbeddingError(f"{path}: the PNG is truncated inside a text chunk")
+            if struct.unpack(">I", crc)[0] != zlib.crc32(ctype + body):
+                raise EmbeddingError(f"{path}: a PNG text chunk fails its CRC check: the file is damaged")
+            key, _, rest = body.partition(b"\0")
+            if key != PNG_KEY:
+                continue
+            if ctype == b"tEXt":
+                return rest
+            if ctype == b"zTXt":   # compression method byte, then zlib data
+                return _inflate(rest[1:], path)
+            # iTXt: compression flag, method, language\0, translated keyword\0, text
+            flag = rest[:1]
+            parts = rest[2:].split(b"\0", 2)
+            if len(parts) < 3:
+                raise EmbeddingError(f"{path}: the iTXt chunk {PNG_KEY.decode()!r} is malformed")
+            return _inflate(parts[2], path) if flag == b"\x01" else parts[2]
+    raise EmbeddingError(f"{path}: this PNG holds no embedding (no {PNG_KEY.decode()!r} text chunk, as AUTOMATIC1111 "
+                         "writes). Embeddings hidden only in the pixels are not read; use the .pt or .safetensors")
+
+
+def _read_png(path: Path) -> dict:
+    """A1111's embedding-in-a-PNG: base64 of JSON, tensors as {"TORCHTENSOR": nested lists}."""
+    import base64
+    import binascii
+    _check_size(path)
+    text = _png_embedding_text(path)
+
+    def tensors(obj):
+        if set(obj) == {"TORCHTENSOR"}:
+            try:
+                return torch.tensor(obj["TORCHTENSOR"], dtype=torch.float32)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise EmbeddingError(f"{path}: a TORCHTENSOR in the PNG is not a rectangular list of numbers") from None
+        return obj
+    try:
+        data = json.loads(base64.b64decode(text.strip(), validate=True), object_hook=tensors)
+    except (binascii.Error, ValueError, RecursionError) as e:
+        if isinstance(e, EmbeddingError):
+            raise
+        raise EmbeddingError(f"{path}: the {PNG_KEY.decode()!r} text is not base64 of JSON: the data is missing or "
+                             "damaged") from None
+    if not isinstance(data, dict):
+        raise EmbeddingError(f"{path}: the PNG's embedding data is not a JSON object")
+    return data
+
+
+def _from_a1111_dict(data: dict, path: Path, stem: str, fmt: str) -> LoadedEmbedding:
+    """.pt/.bin/.ckpt contents and the A1111 PNG payload share their layouts."""
+    if "string_to_param" in data:
+        params = data["string_to_param"]
+        try:
+            if isinstance(params, nn.ParameterDict):
+                params = dict(params.items())
+        except (AttributeError, TypeError, KeyError, RuntimeError):
+            raise EmbeddingError(f"{path}: 'string_to_param' is a damaged ParameterDict") from None
+        if not isinstance(params, dict) or not params:
+            raise EmbeddingError(f"{path}: 'string_to_param' is empty or not a dict of tensors")
+        t = params.get("*", next(iter(params.values())))
+        meta = {k: str(data[k]) for k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
+                if data.get(k) is not None}
+        return LoadedEmbedding(str(data.get("name") or stem), _as_matrix(t, "string_to_param['*']", path),
+                               fmt, meta)
+    if "emb_params" in data:
+        return LoadedEmbedding(stem, _as_matrix(data["emb_params"], "emb_params", path), fmt)
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) == 1:
+        (token, t), = tensors.items()
+        return LoadedEmbedding(str(token).strip("<>") or stem, _as_matrix(t, repr(token), path), "diffusers")
+    raise EmbeddingError(f"{path}: unknown layout with keys {sorted(map(str, data))[:8]}; expected "
+                         "'string_to_param' (A1111), 'emb_params' or a single token")
+
+
 def load_embedding(path) -> LoadedEmbedding:
-    """Read any supported embedding file; the format is recognised by its keys."""
+    """Read any supported embedding file; the format is recognised by its keys.
+
+    Hostile or damaged files raise EmbeddingError naming the file: pickles are loaded with
+    weights_only=True (nothing but tensors and plain data), safetensors headers are checked before
+    any data is read, PNG chunks and their decompression are bounded, and files over MAX_FILE are
+    refused unread."""
     path = Path(path)
     if not path.is_file():
         raise EmbeddingError(f"embedding file {path} does not exist")
@@ -245,24 +441,11 @@ def load_embedding(path) -> LoadedEmbedding:
         raise EmbeddingError(f"{path}: unknown layout with keys {sorted(tensors)[:8]}; expected 'emb_params', "
                              "'clip_l'/'clip_g' or a single token")
     if path.suffix.lower() in (".pt", ".bin", ".ckpt"):
-        data = _read_pickle(path)
-        if "string_to_param" in data:
-            params = data["string_to_param"]
-            if not isinstance(params, dict) or not params:
-                raise EmbeddingError(f"{path}: 'string_to_param' is empty")
-            t = params.get("*", next(iter(params.values())))
-            meta = {k: str(data[k]) for k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
-                    if data.get(k) is not None}
-            return LoadedEmbedding(str(data.get("name") or stem), _as_matrix(t, "string_to_param['*']", path),
-                                   "a1111", meta)
-        if "emb_params" in data:
-            return LoadedEmbedding(stem, _as_matrix(data["emb_params"], "emb_params", path), "a1111")
-        tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-        if len(tensors) == 1:
-            (token, t), = tensors.items()
-            return LoadedEmbedding(str(token).strip("<>") or stem, _as_matrix(t, repr(token), path), "diffusers")
-        raise EmbeddingError(f"{path}: unknown layout with keys {sorted(map(str, data))[:8]}")
-    raise EmbeddingError(f"{path}: unsupported file type {path.suffix!r}; use .safetensors, .pt or .bin")
+        return _from_a1111_dict(_read_pickle(path), path, stem, "a1111")
+    if path.suffix.lower() == ".png":
+        return _from_a1111_dict(_read_png(path), path, stem, "a1111-png")
+    raise EmbeddingError(f"{path}: unsupported file type {path.suffix!r}; use .safetensors, .pt, .bin or an "
+                         "A1111 embedding .png")
 
 
 def save_embedding(path, vectors: torch.Tensor, name: str, meta: dict | None = None,
