@@ -144,6 +144,13 @@ def test_module_is_light_and_build_wires_live_updates_and_the_send_button():
 
 # ------------------------------------------------------------------ the page in a real browser
 
+def slow_expect():
+    """Playwright's expect, waiting up to 60 s (its default 5 s is too short on a busy 2-core CI machine)."""
+    from playwright.sync_api import expect
+    expect.set_options(timeout=60_000)
+    return expect
+
+
 def summary_of(page):
     return page.locator("#calc-summary")
 
@@ -157,8 +164,7 @@ def type_into(page, key, text):
 @pytest.mark.slow
 @pytest.mark.browser
 def test_calculator_tab_in_chromium(tmp_path):
-    from playwright.sync_api import expect
-
+    expect = slow_expect()
     with app_server(tmp_path / "outputs") as url, chromium_page() as page:
         page.goto(url)
         page.get_by_role("tab", name="Calculator").click()
@@ -226,9 +232,9 @@ def test_use_these_settings_fills_the_train_tab_in_chromium(tmp_path):
     """The button against a Train tab made of the same kinds of components, in its own small app (the
     full app's Train tab is tested by its owner)."""
     import gradio as gr
-    from playwright.sync_api import expect
 
     from embedtrain.ui.context import UIContext
+    expect = slow_expect()
 
     with gr.Blocks() as demo:
         with gr.Tabs(selected="calculator") as tabs:

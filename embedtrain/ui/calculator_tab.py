@@ -82,6 +82,11 @@ def message(err: CalcError) -> str:
     return text
 
 
+def warn(text: str) -> str:
+    """The error line as shown: a warning sign in front, so it stands out from the numbers."""
+    return f"### ⚠ {text}" if text else ""
+
+
 def _unset(x) -> bool:
     """An optional input left empty. A Gradio number box shows an empty value as 0, so 0 counts too."""
     if isinstance(x, str):
@@ -232,7 +237,7 @@ def build(ctx) -> None:
         number("steps")
         box["step_unit"] = gr.Radio(["update", "batch"], value=DEFAULTS["step_unit"], label=INPUTS["step_unit"][0],
                                     info="update = weight updates; batch = batches shown", elem_id="calc-step-unit")
-    error = gr.Markdown(first["error"], visible=bool(first["error"]), elem_id="calc-error")
+    error = gr.Markdown(warn(first["error"]), visible=bool(first["error"]), elem_id="calc-error")
     summary = gr.Markdown(first["summary"], elem_id="calc-summary")
     with gr.Row():
         use = gr.Button("Use these settings", variant="primary", scale=0, min_width=200, elem_id="calc-use",
@@ -276,7 +281,7 @@ def build(ctx) -> None:
 
     def refresh(*args):
         out = compute(dict(zip(names, args)))
-        return [gr.update(value=out["error"], visible=bool(out["error"]))] + [out[k] for k in list(shown)[1:]]
+        return [gr.update(value=warn(out["error"]), visible=bool(out["error"]))] + [out[k] for k in list(shown)[1:]]
 
     gr.on([c.change for c in box.values()], refresh, inputs=[box[k] for k in names], outputs=list(shown.values()),
           show_progress="hidden", api_visibility="private")
