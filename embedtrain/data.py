@@ -94,7 +94,10 @@ def open_image(path: Path, resolution: int):
     except UnidentifiedImageError:
         raise DataError("not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"unreadable ({str(e).splitlines()[0][:120]})") from None
+        raise DataError(f"unreadable ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
+    except Exception as e:  # noqa: BLE001  PIL opens any format whatever the extension; one odd file
+        # (struct.error, IndexError, MemoryError ... from some plugin) must cost that file, not the run.
+        raise DataError(f"unreadable ({type(e).__name__}: {str(e)[:100]})") from None
     if min(img.size) < 8:
         raise DataError(f"only {img.width}x{img.height} pixels; at least 8x8 are needed")
     return fit(img, resolution)

@@ -310,6 +310,7 @@ class Trainer:
             cfg.save(run_dir / "config.json")
             self.log(self.summary())
             for s in self.skipped:
+                self.log(f"  skipped {s.path}: {s.reason}")
                 events.emit("skipped", file=str(s.path), reason=s.reason)
         events.emit("start", summary=self.summary(), weight_updates=plan.weight_updates, batches=plan.batches,
                     resume_from=update, images=self.images, warnings=self.warnings)
