@@ -1,9 +1,5 @@
 """Calculator tab: its pure `compute` on the users' numbers and bad input, then the real page in Chromium."""
 
-import re
-import socket
-import time
-
 import pytest
 
 from embedtrain.ui import calculator_tab as tab
@@ -219,57 +215,23 @@ def test_calculator_tab_in_chromium(tmp_path):
         expect(summary_of(page)).to_contain_text("29 weight updates = 2 epochs")
         assert "Traceback" not in page.content()
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-@pytest.mark.browser
-def test_use_these_settings_fills_the_train_tab_in_chromium(tmp_path):
-    """The button against a Train tab made of the same kinds of components, in its own small app (the
-    full app's Train tab is tested by its owner)."""
-    import gradio as gr
-
-    from embedtrain.ui.context import UIContext
-    expect = slow_expect()
-
-    with gr.Blocks() as demo:
-        with gr.Tabs(selected="calculator") as tabs:
-            with gr.Tab("Train", id="train"):
-                train = {k: gr.Number(label=k, elem_id=f"train-{k}") for k in ("batch_size", "grad_accum", "steps")}
-                train["step_unit"] = gr.Radio(["update", "batch"], value="update", label="step_unit",
-                                              elem_id="train-step_unit")
-            with gr.Tab("Calculator", id="calculator"):
-                tab.build(UIContext(outputs=tmp_path / "outputs", train=train, tabs=tabs))
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        with chromium_page() as page:
-            page.goto(f"http://127.0.0.1:{port}/")
-            expect(summary_of(page)).to_contain_text("1500 weight updates")
-            type_into(page, "batch_size", 3)
-            type_into(page, "grad_accum", 17)
-            type_into(page, "steps", 176)
-            page.locator("#calc-step-unit").get_by_label("update").check()
-            expect(summary_of(page)).to_contain_text("176 steps (updates) = 2992 batches = 176 weight updates")
-            page.locator("#calc-use").click()
-            expect(page.get_by_role("tab", name="Train", selected=True)).to_be_visible()
-            expect(page.locator("#train-batch_size input")).to_have_value("3")
-            expect(page.locator("#train-grad_accum input")).to_have_value("17")
-            expect(page.locator("#train-steps input")).to_have_value("176")
-            expect(page.locator("#train-step_unit").get_by_label("update")).to_be_checked()
-
-            # bad input sends nothing: the Train tab keeps its values
-            page.get_by_role("tab", name="Calculator").click()
-            type_into(page, "batch_size", 0)
-            expect(page.locator("#calc-error")).to_be_visible()
-            page.locator("#calc-use").click()
-            expect(page.get_by_text(re.compile("Fix the calculator's inputs first"))).to_be_visible()
-            time.sleep(0.5)
-            page.get_by_role("tab", name="Train").click()
-            expect(page.locator("#train-batch_size input")).to_have_value("3")
-    finally:
-        demo.close()
+        # "Use these settings" fills the app's own Train tab and switches to it
+        type_into(page, "grad_accum", 3)
+        expect(summary_of(page)).to_contain_text("29 steps (updates) = 87 batches")
+        page.locator("#calc-use").click()
+        expect(page.get_by_role("tab", name="Train", selected=True)).to_be_visible()
+        train = page.locator("#tab-train")
+        field = lambda label: train.locator("label", has_text=label).first.locator("input")  # noqa: E731
+        expect(field("Batch size")).to_have_value("2")
+        expect(field("Gradient accumulation")).to_have_value("3")
+        expect(field("Max steps")).to_have_value("29")
+        expect(train.get_by_label("update", exact=True)).to_be_checked()
+        # bad input sends nothing: a warning, and the Train tab keeps its values
+        page.get_by_role("tab", name="Calculator").click()
+        type_into(page, "batch_size", 0)
+        expect(error).to_be_visible()
+        page.locator("#calc-use").click()
+        expect(page.get_by_text("Fix the calculator's inputs first")).to_be_visible()
+        expect(page.get_by_role("tab", name="Calculator", selected=True)).to_be_visible()
+        page.get_by_role("tab", name="Train").click()
+        expect(field("Batch size")).to_have_value("2")
