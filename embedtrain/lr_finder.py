@@ -433,6 +433,8 @@ def range_test(cfg: TrainConfig, out_dir, *, ramp: str = "linear", start_lr: flo
     sug = suggest_range(lrs, losses)
     if result.status == "failed":
         sug["reasons"].append(f"the ramp stopped early: {result.message}")
+    if result.status == "stopped" and not points["diverged"]:
+        sug["reasons"].append(f"stopped at update {result.updates} of {updates}: read from the part that ran")
     if points["diverged"]:
         sug["reasons"].append(f"the ramp stopped at update {result.updates}: the loss had risen far above its "
                               "minimum, so higher LRs would say nothing new")
@@ -571,6 +573,8 @@ def sweep(cfg: TrainConfig, out_dir, *, candidates=None, epochs: float = 8, val_
         pts = [(0, start_loss)] + [(int(r["update"]), float(r[column])) for r in rows if r.get(column) not in ("", None)]
         c = classify_curve([p[0] for p in pts], [p[1] for p in pts])
         c["sentence"] = describe_curve(lr, c)
+        if result.status == "stopped":
+            c["sentence"] += f" (stopped at update {result.updates} of {updates})"
         if result.status == "failed":
             c.update(verdict="no_learning", rises=True, sentence=f"LR {lr:.3g}: does not learn: {result.message}")
         log("  " + c["sentence"])
@@ -640,93 +644,121 @@ def _plot_sweep(path: Path, runs, curves, report) -> None:
 
 # ====================================================================== command lines
 
-def _common(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="JSON file of settings (flags override it)")
-    return parser
+COMMANDS = {
+    "lr-find": ("python -m embedtrain lr-find",
+                "Learning-rate range test: ramp the LR from a fresh embedding and read the validation loss."),
+    "sweep": ("python -m embedtrain sweep",
+              "Short constant-LR runs from the same fresh embedding; recommends the highest LR whose validation "
+              "loss keeps falling."),
+}
 
 
-def _config(args, notes_out: list) -> TrainConfig:
+def parser(command: str) -> argparse.ArgumentParser:
+    """The flags of `lr-find` or `sweep`: the finder's own, then every flag of `train`."""
+    prog, description = COMMANDS[command]
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help="JSON file of settings (flags override it)")
+    if command == "lr-find":
+        g = p.add_argument_group("range test")
+        g.add_argument("--ramp", choices=RAMPS, default="linear",
+                       help="how the LR rises (default: linear, as the users did)")
+        g.add_argument("--start-lr", type=float, help="first LR (default: 0 linear, end-lr/1000 exponential)")
+        g.add_argument("--end-lr", type=float, help="last LR (default: 10 x --lr)")
+        g.add_argument("--updates", type=int, default=80, help="ramp length in weight updates (default: 80)")
+    else:
+        g = p.add_argument_group("sweep")
+        g.add_argument("--candidates", help="LRs to try, e.g. '5e-4,1.6e-3,5e-3' (default: 4 log-spaced, lr/10 "
+                                            "to 3.2 x lr)")
+        g.add_argument("--epochs", type=float, default=8, help="length of each run in epochs (default: 8)")
+    add_arguments(p)
+    return p
+
+
+def prepare(command: str, argv) -> tuple[TrainConfig, argparse.Namespace, list[str], Path]:
+    """Parse and check a finder command line without loading anything: (cfg, args, notes, out_dir).
+    The web UI calls this too, so a bad setting is reported before a process starts."""
+    args = parser(command).parse_args(argv)
     typed = {f.name for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.config:
         typed |= set(json.loads(Path(args.config).read_text(encoding="utf-8")))
     cfg = config_from_args(args, args.config)
+    notes = []
     if "steps" in typed or "step_unit" in typed:
-        notes_out.append("--steps/--step-unit are ignored here: the length is --updates (lr-find) or --epochs "
-                         "(sweep)")
-    cfg, notes = finder_config(cfg, typed)
-    notes_out += notes
-    return cfg.validate()
-
-
-def _finder_dir(cfg: TrainConfig, kind: str) -> Path:
+        notes.append("--steps/--step-unit are ignored here: the length is --updates (lr-find) or --epochs (sweep)")
+    cfg, more = finder_config(cfg, typed)
+    cfg = cfg.validate()
+    if command == "sweep":
+        args.candidates = parse_candidates(args.candidates) if args.candidates else default_candidates(cfg.lr)
+        if not (math.isfinite(args.epochs) and args.epochs > 0):
+            raise ConfigError(f"epochs must be a number > 0, got {args.epochs!r}")
+    elif args.updates < 5:
+        raise ConfigError(f"updates must be a whole number >= 5 (the ramp's length in weight updates), got "
+                          f"{args.updates!r}")
+    kind = "lrfind" if command == "lr-find" else "sweep"
     from embedtrain.embedding import check_name
     name = cfg.run_name or f"{cfg.name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_name(name)
-    return Path(cfg.out) / name
+    return cfg, args, notes + more, Path(cfg.out) / name
+
+
+def _stop_control(out_dir: Path):
+    """Ctrl-C, SIGTERM or a STOP file in the finder's folder end the current run early; what ran is read."""
+    import signal
+    asked = {"n": 0}
+
+    def on_signal(signum, frame):
+        asked["n"] += 1
+        if asked["n"] > 1:
+            raise KeyboardInterrupt
+        print("\nstop requested: finishing the current update and reading what ran", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    stop_file = out_dir / "STOP"
+    stop_file.unlink(missing_ok=True)
+    return lambda: asked["n"] > 0 or stop_file.exists()
+
+
+def _run(command: str, argv) -> int:
+    try:
+        cfg, args, notes, out_dir = prepare(command, argv)
+        for n in notes:
+            print(f"note: {n}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stop = _stop_control(out_dir)
+        val_every = getattr(args, "val_every", None) or None
+        if command == "lr-find":
+            report = range_test(cfg, out_dir, ramp=args.ramp, start_lr=args.start_lr, end_lr=args.end_lr,
+                                updates=args.updates, val_every=val_every, stop=stop)
+        else:
+            report = sweep(cfg, out_dir, candidates=args.candidates, epochs=args.epochs, val_every=val_every,
+                           stop=stop)
+    except EmbedtrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for w in report["warnings"]:
+        print(f"warning: {w}")
+    if command == "lr-find":
+        ok = report["lower"] is not None
+        print(f"lower {report['lower']:.3g}  upper {report['upper']:.3g}  midpoint {report['midpoint']:.3g}" if ok
+              else "no suggestion:")
+        names = ("lr_find.csv", "lr_find.json", "lr_find.png")
+    else:
+        ok = report["recommended_lr"] is not None
+        print(f"recommended LR: {report['recommended_lr']:.3g}" if ok else "no recommendation:")
+        names = ("sweep.csv", "sweep.json", "sweep.png")
+    for r in report["reasons"]:
+        print(f"  {r}")
+    if command == "sweep":
+        for c in report["candidates"]:
+            print(f"  - {c['sentence']}")
+    print("wrote " + ", ".join(str(out_dir / n) for n in names))
+    return 0 if ok else 1
 
 
 def cli_lr_find(argv) -> int:
-    parser = _common("python -m embedtrain lr-find",
-                     "Learning-rate range test: ramp the LR from a fresh embedding and read the validation loss.")
-    g = parser.add_argument_group("range test")
-    g.add_argument("--ramp", choices=RAMPS, default="linear", help="how the LR rises (default: linear, as the "
-                                                                   "users did)")
-    g.add_argument("--start-lr", type=float, help="first LR (default: 0 linear, end-lr/1000 exponential)")
-    g.add_argument("--end-lr", type=float, help="last LR (default: 10 x --lr)")
-    g.add_argument("--updates", type=int, default=80, help="ramp length in weight updates (default: 80)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    notes: list[str] = []
-    try:
-        cfg = _config(args, notes)
-        out_dir = _finder_dir(cfg, "lrfind")
-        for n in notes:
-            print(f"note: {n}")
-        report = range_test(cfg, out_dir, ramp=args.ramp, start_lr=args.start_lr, end_lr=args.end_lr,
-                            updates=args.updates, val_every=getattr(args, "val_every", None) or None)
-    except EmbedtrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for w in report["warnings"]:
-        print(f"warning: {w}")
-    if report["lower"] is None:
-        print("no suggestion:")
-    else:
-        print(f"lower {report['lower']:.3g}  upper {report['upper']:.3g}  midpoint {report['midpoint']:.3g}")
-    for r in report["reasons"]:
-        print(f"  {r}")
-    print(f"wrote {out_dir / 'lr_find.csv'}, {out_dir / 'lr_find.json'}, {out_dir / 'lr_find.png'}")
-    return 0 if report["lower"] is not None else 1
+    return _run("lr-find", argv)
 
 
 def cli_sweep(argv) -> int:
-    parser = _common("python -m embedtrain sweep",
-                     "Short constant-LR runs from the same fresh embedding; recommends the highest LR whose "
-                     "validation loss keeps falling.")
-    g = parser.add_argument_group("sweep")
-    g.add_argument("--candidates", help="LRs to try, e.g. '5e-4,1.6e-3,5e-3' (default: 4 log-spaced, lr/10 to "
-                                        "3.2 x lr)")
-    g.add_argument("--epochs", type=float, default=8, help="length of each run in epochs (default: 8)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    notes: list[str] = []
-    try:
-        cfg = _config(args, notes)
-        candidates = parse_candidates(args.candidates) if args.candidates else default_candidates(cfg.lr)
-        out_dir = _finder_dir(cfg, "sweep")
-        for n in notes:
-            print(f"note: {n}")
-        report = sweep(cfg, out_dir, candidates=candidates, epochs=args.epochs,
-                       val_every=getattr(args, "val_every", None) or None)
-    except EmbedtrainError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for w in report["warnings"]:
-        print(f"warning: {w}")
-    rec = report["recommended_lr"]
-    print(f"recommended LR: {rec:.3g}" if rec else "no recommendation:")
-    for r in report["reasons"]:
-        print(f"  {r}")
-    print(f"wrote {out_dir / 'sweep.csv'}, {out_dir / 'sweep.json'}, {out_dir / 'sweep.png'}")
-    return 0 if rec else 1
+    return _run("sweep", argv)

@@ -224,3 +224,90 @@ def test_ramp_and_candidates():
 def test_import_does_not_pull_torch():
     code = "import sys, embedtrain.lr_finder; sys.exit(any(m in sys.modules for m in ('torch', 'gradio')))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ------------------------------------------------------------------ end to end on the tiny model
+
+def _quiet(*a, **k):
+    pass
+
+
+@pytest.mark.slow
+def test_range_test_and_sweep_on_one_loaded_model(tiny_cfg, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from embedtrain import models
+    from embedtrain.lr_finder import finder_config, range_test, sweep
+    from embedtrain.trainer import Trainer
+
+    loads = []
+    real_load = models.load_pipeline
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    cfg, notes = finder_config(tiny_cfg, typed=set())
+    assert cfg.val_split == 0.25 and "holding out 25%" in notes[0]
+    trainer = Trainer(cfg, log=_quiet)
+
+    # range test: 10 updates, validation every 2 -> 6 measurements with the fresh one at update 0
+    rep = range_test(cfg, tmp_path / "find", updates=10, val_every=2, end_lr=0.2, trainer=trainer, log=_quiet)
+    for name in ("lr_find.csv", "lr_find.json", "lr_find.png", "range/log.csv"):
+        assert (tmp_path / "find" / name).is_file(), name
+    saved = json.loads((tmp_path / "find" / "lr_find.json").read_text())
+    assert saved == json.loads(json.dumps(rep))
+    assert {"lower", "upper", "midpoint", "reasons"} <= set(saved) and saved["reasons"]
+    if saved["lower"] is not None:
+        assert 0 <= saved["lower"] <= saved["midpoint"] <= saved["upper"] <= 0.2
+    with open(tmp_path / "find" / "lr_find.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["update"]) for r in rows] == list(range(11))
+    assert float(rows[1]["lr"]) == 0.0 and float(rows[-1]["lr"]) == pytest.approx(0.2)  # the ramp, update by update
+    assert sum(r["val_loss"] != "" for r in rows) == 6
+    assert Image.open(tmp_path / "find" / "lr_find.png").size == (800, 480)
+    # 2 validation images: the verdict carries the warning
+    assert any("small validation set (2 images, one batch)" in w for w in saved["warnings"])
+
+    # sweep: 3 candidates x 2 epochs on the same loaded model
+    sw = sweep(cfg, tmp_path / "sweep", candidates=[3e-2, 1e-1, 3e-1], epochs=2, trainer=trainer, log=_quiet)
+    assert len(loads) == 1  # the model was loaded once for the range test and all three candidates
+    for name in ("sweep.csv", "sweep.json", "sweep.png"):
+        assert (tmp_path / "sweep" / name).is_file(), name
+    saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [c["lr"] for c in saved["candidates"]] == [3e-2, 1e-1, 3e-1]
+    assert all(c["sentence"].startswith(f"LR {c['lr']:.3g}: ") for c in saved["candidates"])
+    rec = saved["recommended_lr"]
+    assert rec is not None, saved["reasons"]
+    chosen = next(c for c in saved["candidates"] if c["lr"] == rec)
+    assert chosen["verdict"] == "falls"
+    with open(tmp_path / "sweep" / "sweep.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {float(r["lr"]) for r in rows} == {3e-2, 1e-1, 3e-1}
+    curve = [float(r["val_loss"]) for r in rows if float(r["lr"]) == rec and r["val_loss"]]
+    assert len(curve) == 1 + saved["updates"] // saved["val_every"] and curve[-1] < curve[0]
+    # same fresh start, same data order: every candidate starts from the same loss and sees the same
+    # first batch with the same noise, so its first training loss is identical
+    firsts = {r["lr"]: r["loss"] for r in rows if r["update"] == "1"}
+    starts = {r["lr"]: r["val_loss"] for r in rows if r["update"] == "0"}
+    assert len(set(firsts.values())) == 1 and len(set(starts.values())) == 1
+    # each candidate's run folder records its own constant LR
+    for c in saved["candidates"]:
+        run_cfg = json.loads((tmp_path / "sweep" / c["run_dir"].split("/")[-1] / "config.json").read_text())
+        assert run_cfg["lr"] == c["lr"] and run_cfg["lr_schedule"] == "constant"
+
+
+@pytest.mark.slow
+def test_cli_takes_the_train_flags_and_refuses_bad_ones(images, tmp_path):
+    base = [sys.executable, "-m", "embedtrain"]
+    common = ["--model", "tiny", "--data", str(images), "--name", "zorblat", "--init-text", "circle",
+              "--template", "object", "--batch-size", "4", "--out", str(tmp_path), "--val-split", "0.5"]
+    r = subprocess.run(base + ["sweep", *common, "--run-name", "sw", "--candidates", "0.05,0.2", "--epochs", "1",
+                               "--val-every", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode in (0, 1), r.stderr  # 1 = ran, but no recommendation
+    out = r.stdout
+    assert ("recommended LR" in out) == (r.returncode == 0) and "wrote" in out
+    saved = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [c["lr"] for c in saved["candidates"]] == [0.05, 0.2] and saved["updates"] == 2  # at least 2 updates per run
+    assert saved["validation_images"] == 4 and saved["training_images"] == 4
+    r = subprocess.run(base + ["lr-find", *common, "--updates", "3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "updates must be a whole number >= 5" in r.stderr
+    r = subprocess.run(base + ["sweep", *common, "--candidates", "1e-3,abc"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "'abc' is not a number" in r.stderr

@@ -1,7 +1,407 @@
-"""Placeholder until this tab's issue lands (its owner replaces this file)."""
+"""LR finder tab: the range test and the sweep, with live plots, the verdict in words, and buttons that send
+the result to the Train tab.
+
+The model, dataset and token come from the Train tab's inputs (one place to set them); only when the Train
+tab does not offer one does this tab show its own. A run is `python -m embedtrain lr-find|sweep ...` in its
+own process, writing under outputs/lr/<run>/; a 1 s timer reads that folder (the trainer's log.csv of each
+run for the live curve, lr_find.json / sweep.json for the verdict), so closing the page stops nothing and
+reopening it shows the job again (outputs/lr/.job.json). The pure helpers (finder_argv, progress_frame,
+verdict_markdown, range_settings, lr_settings) are tested without a browser. No torch import here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import gradio as gr
+import pandas as pd
+
+from embedtrain import EmbedtrainError
+from embedtrain.config import TEMPLATES, TrainConfig, apply_preset
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+# Train-tab settings the finder runs with (TrainConfig field names), in the order callbacks get them.
+SOURCE = ["model", "data", "name", "init_text", "vectors", "template", "batch_size", "grad_accum", "optimizer",
+          "seed", "resolution", "val_split", "lr"]
+COMMAND = {"range": "lr-find", "sweep": "sweep"}
+RESULT = {"range": "lr_find", "sweep": "sweep"}
+
+INTRO = """\
+Find a learning rate before a long run (the users' protocol, SCIENCE.md 1-3). **Range test**: one run whose LR
+rises from a low to a high value; the validation loss says where learning starts (lower bound) and where it
+stops helping (upper bound). **Sweep**: a few short constant-LR runs from the same fresh embedding; the
+recommendation is the highest LR whose validation loss keeps falling (the users found the range test reads
+too low on small datasets). Both use the model, dataset and token of the **Train** tab, and the Train tab's
+validation split (when it is 0, 25% of the images are held out here).
+"""
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def _num(x):
+    return "" if x is None or (isinstance(x, str) and not x.strip()) else str(x).strip()
+
+
+def finder_argv(kind: str, values: dict, opts: dict, out: Path, run_name: str) -> list[str]:
+    """The command line of a finder run. values: the Train-tab settings (SOURCE keys); opts: ramp, start_lr,
+    end_lr, updates (range) or candidates, epochs (sweep)."""
+    argv = [COMMAND[kind]]
+    flags = {"model": "--model", "data": "--data", "name": "--name", "init_text": "--init-text",
+             "vectors": "--vectors", "template": "--template", "batch_size": "--batch-size",
+             "grad_accum": "--grad-accum", "optimizer": "--optimizer", "seed": "--seed",
+             "resolution": "--resolution", "lr": "--lr"}
+    for key, flag in flags.items():
+        v = values.get(key)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            continue
+        if isinstance(v, float) and v.is_integer() and key not in ("lr",):
+            v = int(v)
+        argv += [flag, str(v).strip()]
+    if values.get("val_split"):  # 0 / missing: let the finder hold out its default share
+        argv += ["--val-split", str(values["val_split"])]
+    if kind == "range":
+        argv += ["--ramp", opts.get("ramp") or "linear", "--updates", str(int(opts.get("updates") or 80))]
+        if _num(opts.get("start_lr")):
+            argv += ["--start-lr", _num(opts["start_lr"])]
+        if _num(opts.get("end_lr")):
+            argv += ["--end-lr", _num(opts["end_lr"])]
+    else:
+        if _num(opts.get("candidates")):
+            argv += ["--candidates", _num(opts["candidates"])]
+        argv += ["--epochs", str(opts.get("epochs") or 8)]
+    return argv + ["--out", str(out), "--run-name", run_name]
+
+
+def _read_rows(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except (FileNotFoundError, csv.Error):
+        return []
+
+
+def _val(row: dict):
+    for key in ("val_loss", "val_train_loss"):
+        v = row.get(key)
+        if v not in (None, ""):
+            return float(v)
+    return None
+
+
+def progress_frame(kind: str, run_dir: Path) -> pd.DataFrame:
+    """The live curve(s) from the run folders' log.csv: range -> (lr, value, series); sweep -> (update,
+    value, series) with one series per candidate LR."""
+    run_dir = Path(run_dir)
+    rows = []
+    if kind == "range":
+        for r in _read_rows(run_dir / "range" / "log.csv"):
+            v = _val(r)
+            if v is not None:
+                rows.append((float(r["lr"]), v, "validation loss"))
+        return pd.DataFrame(rows, columns=["lr", "value", "series"])
+    dirs = [d for d in run_dir.glob("lr*-*") if d.is_dir()] if run_dir.is_dir() else []
+    for d in sorted(dirs, key=lambda d: int(d.name[2:].split("-")[0]) if d.name[2:].split("-")[0].isdigit() else 0):
+        label = "LR " + d.name.split("-", 1)[1]
+        for r in _read_rows(d / "log.csv"):
+            v = _val(r)
+            if v is not None:
+                rows.append((int(r["update"]), v, label))
+    return pd.DataFrame(rows, columns=["update", "value", "series"])
+
+
+def verdict_markdown(kind: str, report: dict) -> str:
+    """The finder's JSON in words: the suggestion (or why there is none), the reasons, the warnings."""
+    lines = []
+    for w in report.get("warnings", []):
+        lines.append(f"> ⚠️ **Warning:** {w}")
+    if lines:
+        lines.append("")
+    if kind == "range":
+        if report.get("lower") is None:
+            lines.append("**No suggestion.**")
+        else:
+            lines.append(f"**Suggested range: {report['lower']:.3g} to {report['upper']:.3g}** "
+                         f"(midpoint {report['midpoint']:.3g})")
+        lines += [f"- {r}" for r in report.get("reasons", [])]
+    else:
+        rec = report.get("recommended_lr")
+        lines.append(f"**Recommended LR: {rec:.3g}**" if rec is not None else "**No recommendation.**")
+        lines += [f"- {r}" for r in report.get("reasons", [])]
+        lines.append("")
+        lines += [f"- {c['sentence']}" for c in report.get("candidates", [])]
+    return "\n".join(lines)
+
+
+def range_settings(report: dict, k: float) -> dict:
+    """Train-tab values for "Use this range": a triangular cycle between the bounds, half a cycle lasting
+    k x epoch (Smith: k = 2..10)."""
+    if report.get("lower") is None:
+        raise EmbedtrainError("the range test gave no range to use; read its reasons, change the ramp and run again")
+    if not (isinstance(k, (int, float)) and k > 0):
+        raise EmbedtrainError(f"half cycle (k x epoch) must be > 0, got {k!r}")
+    step = max(1, int(k * report["updates_per_epoch"] + 0.5))
+    return {"lr_schedule": "triangular", "lr_min": float(f"{report['lower']:.3g}"),
+            "lr": f"{report['upper']:.3g}", "lr_step_size": step, "lr_step_size_epochs": 0,
+            "lr_cycle_start": "low"}
+
+
+def lr_settings(report: dict) -> dict:
+    """Train-tab values for "Use this LR": the sweep's recommendation, constant."""
+    if report.get("recommended_lr") is None:
+        raise EmbedtrainError("the sweep recommended no LR; read its reasons, change the candidates and run again")
+    return {"lr": f"{report['recommended_lr']:.3g}", "lr_schedule": "constant"}
+
+
+# ---------------------------------------------------------------- jobs (one at a time per outputs folder)
+
+def _alive(pid: int) -> bool:
+    from embedtrain.ui.jobs import _alive as alive
+    return alive(pid)
+
+
+class FinderJobs:
+    def __init__(self, outputs: Path):
+        self.root = Path(outputs) / "lr"
+        self.state_file = self.root / ".job.json"
+
+    def current(self) -> dict | None:
+        try:
+            return json.loads(self.state_file.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def running(self) -> dict | None:
+        job = self.current()
+        return job if job and _alive(job["pid"]) else None
+
+    def start(self, kind: str, values: dict, opts: dict) -> dict:
+        from embedtrain.fileio import atomic_write_text
+        from embedtrain.lr_finder import prepare
+        job = self.running()
+        if job:
+            raise EmbedtrainError(f"a {job['kind']} is already running ({Path(job['run_dir']).name}); stop it first")
+        name = str(values.get("name") or "embedding").strip() or "embedding"
+        run_name = f"{name}-{'lrfind' if kind == 'range' else 'sweep'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        argv = finder_argv(kind, values, opts, self.root, run_name)
+        _, _, _, run_dir = prepare(argv[0], argv[1:])  # bad settings are refused here, before any process
+        if run_dir.exists():
+            raise EmbedtrainError(f"{run_dir.name} already exists; wait a second and run again")
+        run_dir.mkdir(parents=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        with open(run_dir / "job.log", "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "embedtrain", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=str(ROOT), env=env, start_new_session=True)
+        job = {"pid": proc.pid, "kind": kind, "run_dir": str(run_dir), "started": time.time(), "argv": argv}
+        atomic_write_text(self.state_file, json.dumps(job))
+        return job
+
+    def stop(self) -> str:
+        job = self.running()
+        if not job:
+            return "nothing is running"
+        stop = Path(job["run_dir"]) / "STOP"
+        if stop.exists():
+            os.kill(job["pid"], signal.SIGTERM)
+            return "stop asked again: signalled the process"
+        stop.write_text("stop requested from the web UI\n")
+        return "stopping: the current update finishes, then the curve so far is read"
+
+    def latest(self, kind: str) -> tuple[Path, dict] | tuple[None, None]:
+        """The most recent finished result of this kind (its folder and JSON)."""
+        found = sorted(self.root.glob(f"*/{RESULT[kind]}.json"), key=lambda p: p.stat().st_mtime) \
+            if self.root.is_dir() else []
+        for path in reversed(found):
+            try:
+                return path.parent, json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                continue
+        return None, None
+
+
+def _tail(path: Path, n: int = 1200) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[-n:]
+    except FileNotFoundError:
+        return ""
+
+
+def job_view(jobs: FinderJobs) -> dict:
+    """What the page shows for the current (or last) finder job."""
+    job = jobs.current()
+    empty = dict(status="No LR finder run yet.", kind=None, frame=None, verdict="", image=None, running=False)
+    if not job:
+        return empty
+    kind, run_dir = job["kind"], Path(job["run_dir"])
+    running = _alive(job["pid"])
+    frame = progress_frame(kind, run_dir)
+    result = run_dir / f"{RESULT[kind]}.json"
+    what = "Range test" if kind == "range" else "Sweep"
+    if running:
+        n = len(frame)
+        detail = f"{n} validation measurement{'s' if n != 1 else ''} so far"
+        if kind == "sweep" and n:
+            detail += f" · running {frame['series'].iloc[-1]}"
+        status = f"**{what} running** ({run_dir.name}): {detail}"
+        return dict(status=status, kind=kind, frame=frame, verdict="", image=None, running=True)
+    if result.is_file():
+        report = json.loads(result.read_text(encoding="utf-8"))
+        png = run_dir / f"{RESULT[kind]}.png"
+        return dict(status=f"**{what} finished** ({run_dir.name}) · files in `{run_dir}`", kind=kind, frame=frame,
+                    verdict=verdict_markdown(kind, report), image=str(png) if png.is_file() else None, running=False)
+    return dict(status=f"**{what} failed** ({run_dir.name}):\n```\n{_tail(run_dir / 'job.log')}\n```", kind=kind,
+                frame=frame, verdict="", image=None, running=False)
+
+
+# ---------------------------------------------------------------- the tab
+
+def _fallback_config(ctx) -> TrainConfig:
+    cfg = TrainConfig(model=ctx.model, data=ctx.data, name="purplestar" if ctx.model == "demo" else "mytoken",
+                      out=str(ctx.outputs))
+    return apply_preset(cfg, explicit={"name", "data", "model", "out"})
 
 
 def build(ctx) -> None:
-    gr.Markdown("This tab is being built.")
+    from embedtrain.lr_finder import default_candidates
+    jobs = FinderJobs(ctx.outputs)
+    cfg = _fallback_config(ctx)
+    gr.Markdown(INTRO)
+    missing = [k for k in SOURCE if ctx.train.get(k) is None]
+    src = {k: ctx.train[k] for k in SOURCE if k not in missing}
+    if missing:
+        with gr.Accordion("Model and data (the Train tab does not offer these)", open=True):
+            with gr.Row():
+                for k in missing:
+                    v = getattr(cfg, k)
+                    if k == "template":
+                        src[k] = gr.Dropdown(list(TEMPLATES), value=v, label=k, allow_custom_value=True)
+                    elif isinstance(v, str):
+                        src[k] = gr.Textbox(v, label=k)
+                    else:
+                        src[k] = gr.Number(v, label=k, precision=0 if isinstance(v, int) else None)
+    with gr.Row():
+        with gr.Column(scale=2):
+            with gr.Group():
+                gr.Markdown("### Range test")
+                with gr.Row():
+                    ramp = gr.Radio(["linear", "exponential"], value="linear", label="Ramp",
+                                    info="linear is what the users ran; exponential spans several decades")
+                    updates = gr.Number(80, label="Length (weight updates)", precision=0, minimum=5,
+                                        elem_id="lr-updates")
+                with gr.Row():
+                    start_lr = gr.Textbox("", label="Start LR", placeholder="0 (linear) / end / 1000 (exponential)",
+                                          elem_id="lr-start")
+                    end_lr = gr.Textbox("", label="End LR", placeholder="10 x the Train tab's LR", elem_id="lr-end")
+                range_btn = gr.Button("Run range test", variant="primary", elem_id="lr-run-range")
+            with gr.Group():
+                gr.Markdown("### Sweep")
+                with gr.Row():
+                    candidates = gr.Textbox(", ".join(f"{c:g}" for c in default_candidates(cfg.lr)),
+                                            label="Candidate LRs", info="log-spaced around the LR; edit freely",
+                                            elem_id="lr-candidates")
+                    epochs = gr.Number(8, label="Epochs per candidate", minimum=0.1, elem_id="lr-epochs")
+                sweep_btn = gr.Button("Run sweep", variant="primary", elem_id="lr-run-sweep")
+            stop_btn = gr.Button("Stop", variant="stop", elem_id="lr-stop")
+            message = gr.Markdown("", elem_id="lr-message")
+        with gr.Column(scale=3):
+            status = gr.Markdown("", elem_id="lr-status")
+            range_plot = gr.LinePlot(x="lr", y="value", color="series", title="Range test: validation loss vs LR",
+                                     x_title="learning rate", y_title="validation loss", height=260,
+                                     elem_id="lr-range-plot")
+            sweep_plot = gr.LinePlot(x="update", y="value", color="series", title="Sweep: validation loss per LR",
+                                     x_title="weight update", y_title="validation loss", height=260,
+                                     elem_id="lr-sweep-plot")
+            verdict = gr.Markdown("", elem_id="lr-verdict")
+            image = gr.Image(label="Result plot", type="filepath", interactive=False, height=340, elem_id="lr-image")
+            with gr.Row():
+                k_epochs = gr.Number(4, label="Half cycle = k x epoch", minimum=0.5, info="Smith: k = 2 to 10",
+                                     elem_id="lr-k", scale=1)
+                use_range = gr.Button("Use this range", elem_id="lr-use-range", interactive=False, scale=1)
+                use_lr = gr.Button("Use this LR", elem_id="lr-use-lr", interactive=False, scale=1)
+            sent = gr.Markdown("", elem_id="lr-sent")
+    timer = gr.Timer(1.0, active=False)
+    src_keys = list(src)
+    src_inputs = [src[k] for k in src_keys]
+
+    # ---- handlers
+    def start(kind, *args):
+        values = dict(zip(src_keys, args[:len(src_keys)]))
+        rest = args[len(src_keys):]
+        opts = dict(zip(["ramp", "updates", "start_lr", "end_lr"], rest)) if kind == "range" else \
+            dict(zip(["candidates", "epochs"], rest))
+        import contextlib
+        import io
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):  # argparse reports a bad flag value there, then exits
+                job = jobs.start(kind, values, opts)
+        except (EmbedtrainError, SystemExit) as e:
+            lines = err.getvalue().strip().splitlines()
+            text = str(e) if isinstance(e, EmbedtrainError) else (lines[-1] if lines else "invalid setting")
+            return f"**Error:** {text}", gr.Timer(active=False)
+        return f"Started `{' '.join(job['argv'][:1])}` in `{job['run_dir']}`", gr.Timer(active=True)
+
+    range_btn.click(lambda *a: start("range", *a), src_inputs + [ramp, updates, start_lr, end_lr], [message, timer],
+                    api_visibility="private")
+    sweep_btn.click(lambda *a: start("sweep", *a), src_inputs + [candidates, epochs], [message, timer],
+                    api_visibility="private")
+    stop_btn.click(jobs.stop, None, message, api_visibility="private")
+
+    def refresh():
+        v = job_view(jobs)
+        _, rng = jobs.latest("range")
+        _, swp = jobs.latest("sweep")
+        frames = [gr.skip(), gr.skip()]
+        if v["kind"] == "range":
+            frames[0] = v["frame"]
+        elif v["kind"] == "sweep":
+            frames[1] = v["frame"]
+        return (v["status"], *frames, v["verdict"], v["image"],
+                gr.update(interactive=bool(rng and rng.get("lower") is not None)),
+                gr.update(interactive=bool(swp and swp.get("recommended_lr") is not None)),
+                gr.Timer(active=v["running"]))
+
+    outs = [status, range_plot, sweep_plot, verdict, image, use_range, use_lr, timer]
+    timer.tick(refresh, None, outs, show_progress="hidden", api_visibility="private")
+    ctx.on_load.append((refresh, None, outs))
+
+    # ---- "Use this range" / "Use this LR": fill the Train tab's inputs and switch to it
+    switch = ctx.tabs
+
+    def send(settings: dict, what: str):
+        targets = [k for k in settings if ctx.train.get(k) is not None]
+        if not targets:
+            return [f"The Train tab has no LR inputs to fill; set these by hand: {settings}"] + \
+                [gr.skip() for _ in send_keys] + ([gr.skip()] if switch is not None else [])
+        words = ", ".join(f"{k} = {settings[k]}" for k in targets)
+        out = [f"Sent {what} to the Train tab: {words}"]
+        out += [settings[k] if k in targets else gr.skip() for k in send_keys]
+        return out + ([gr.Tabs(selected="train")] if switch is not None else [])
+
+    send_keys = [k for k in ("lr_schedule", "lr_min", "lr", "lr_step_size", "lr_step_size_epochs", "lr_cycle_start")
+                 if ctx.train.get(k) is not None]
+    send_outputs = [sent] + [ctx.train[k] for k in send_keys] + ([switch] if switch is not None else [])
+
+    def send_range(k):
+        _, report = jobs.latest("range")
+        try:
+            return send(range_settings(report or {}, k), "the range (triangular cycle)")
+        except EmbedtrainError as e:
+            return [f"**Error:** {e}"] + [gr.skip()] * (len(send_outputs) - 1)
+
+    def send_lr():
+        _, report = jobs.latest("sweep")
+        try:
+            return send(lr_settings(report or {}), "the recommended LR")
+        except EmbedtrainError as e:
+            return [f"**Error:** {e}"] + [gr.skip()] * (len(send_outputs) - 1)
+
+    use_range.click(send_range, k_epochs, send_outputs, api_visibility="private")
+    use_lr.click(send_lr, None, send_outputs, api_visibility="private")

@@ -1,0 +1,144 @@
+"""LR finder tab: its pure helpers on real files, then the real page in Chromium running a range test and a
+sweep on the tiny model and sending the results to the Train tab."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_images
+from embedtrain import EmbedtrainError
+from embedtrain.lr_finder import prepare
+from embedtrain.ui.lr_tab import finder_argv, lr_settings, progress_frame, range_settings, verdict_markdown
+from uihelp import app_server, chromium_page
+
+TRAIN_VALUES = {"model": "tiny", "data": "/data/x", "name": "zorblat", "init_text": "circle", "vectors": 1.0,
+                "template": "object", "batch_size": 2.0, "grad_accum": 1.0, "optimizer": "adamw", "seed": 0.0,
+                "resolution": 32.0, "val_split": 0.0, "lr": "0.005"}
+
+
+def test_argv_from_the_train_tab_is_a_valid_finder_command_line(images, tmp_path):
+    values = dict(TRAIN_VALUES, data=str(images))
+    argv = finder_argv("range", values, {"ramp": "exponential", "updates": 40.0, "start_lr": "", "end_lr": "0.1"},
+                       tmp_path, "r1")
+    assert argv[0] == "lr-find" and "--val-split" not in argv  # 0 = let the finder hold out its 25%
+    assert argv[argv.index("--batch-size") + 1] == "2" and argv[argv.index("--updates") + 1] == "40"
+    cfg, args, notes, out_dir = prepare(argv[0], argv[1:])
+    assert (cfg.model, cfg.name, cfg.batch_size, cfg.val_split, cfg.lr) == ("tiny", "zorblat", 2, 0.25, 0.005)
+    assert args.ramp == "exponential" and args.end_lr == 0.1 and args.start_lr is None
+    assert out_dir == tmp_path / "r1" and "holding out 25%" in notes[0]
+
+    argv = finder_argv("sweep", dict(values, val_split=0.5), {"candidates": "1e-3, 3e-3", "epochs": 2.0}, tmp_path,
+                       "s1")
+    cfg, args, _, _ = prepare(argv[0], argv[1:])
+    assert args.candidates == [1e-3, 3e-3] and args.epochs == 2.0 and cfg.val_split == 0.5
+    with pytest.raises(EmbedtrainError, match="'x' is not a number"):
+        prepare("sweep", finder_argv("sweep", values, {"candidates": "1e-3, x"}, tmp_path, "s2")[1:])
+
+
+def test_progress_frame_reads_the_runs_as_they_are_written(tmp_path):
+    def log(folder, rows):
+        folder.mkdir(parents=True)
+        with open(folder / "log.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["update", "lr", "loss", "val_loss"])
+            w.writeheader()
+            w.writerows(rows)
+
+    log(tmp_path / "r" / "range", [{"update": 1, "lr": 0.0, "loss": 1.0, "val_loss": ""},
+                                   {"update": 2, "lr": 0.1, "loss": 0.9, "val_loss": 0.8}])
+    frame = progress_frame("range", tmp_path / "r")
+    assert frame.values.tolist() == [[0.1, 0.8, "validation loss"]]
+    log(tmp_path / "s" / "lr2-0.003", [{"update": 1, "lr": 0.003, "loss": 1, "val_loss": 0.7}])
+    log(tmp_path / "s" / "lr1-0.001", [{"update": 1, "lr": 0.001, "loss": 1, "val_loss": 0.75},
+                                       {"update": 2, "lr": 0.001, "loss": 1, "val_loss": 0.74}])
+    frame = progress_frame("sweep", tmp_path / "s")
+    assert frame.values.tolist() == [[1, 0.75, "LR 0.001"], [2, 0.74, "LR 0.001"], [1, 0.7, "LR 0.003"]]
+    assert progress_frame("sweep", tmp_path / "missing").empty
+
+
+def test_verdicts_and_settings_for_the_train_tab():
+    report = {"lower": 1.2345e-3, "upper": 5e-3, "midpoint": 3.117e-3, "reasons": ["because"], "updates_per_epoch": 2.25,
+              "warnings": ["small validation set (3 images)"]}
+    text = verdict_markdown("range", report)
+    assert "**Suggested range: 0.00123 to 0.005** (midpoint 0.00312)" in text and "- because" in text
+    assert text.startswith("> ⚠️ **Warning:** small validation set")
+    assert range_settings(report, 4) == {"lr_schedule": "triangular", "lr_min": 0.00123, "lr": "0.005",
+                                         "lr_step_size": 9, "lr_step_size_epochs": 0, "lr_cycle_start": "low"}
+    with pytest.raises(EmbedtrainError, match="gave no range"):
+        range_settings(dict(report, lower=None), 4)
+    sweep = {"recommended_lr": None, "reasons": ["no candidate learns"], "warnings": [],
+             "candidates": [{"sentence": "LR 0.1: does not learn: ..."}]}
+    assert "**No recommendation.**" in verdict_markdown("sweep", sweep) and "- LR 0.1: does not learn" in \
+        verdict_markdown("sweep", sweep)
+    with pytest.raises(EmbedtrainError, match="recommended no LR"):
+        lr_settings(sweep)
+    assert lr_settings(dict(sweep, recommended_lr=0.0158)) == {"lr": "0.0158", "lr_schedule": "constant"}
+
+
+def test_module_does_not_import_torch():
+    code = "import sys, embedtrain.ui.lr_tab; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_lr_tab_in_chromium(tmp_path):
+    from playwright.sync_api import expect
+    data = make_images(tmp_path / "data", 8)
+    outputs = tmp_path / "outputs"
+    with app_server(outputs, "--model", "tiny", "--data", str(data)) as url, chromium_page() as page:
+        page.goto(url)
+        train = page.locator("#tab-train")
+        field = lambda label: train.locator("label", has_text=label).first.locator("input")  # noqa: E731
+        field("Initialization text").fill("circle")
+        field("Batch size").fill("2")
+        page.get_by_role("tab", name="LR finder").click()
+        # a bad setting is refused before any process starts, naming the field
+        page.locator("#lr-end input, #lr-end textarea").first.fill("abc")
+        page.locator("#lr-run-range").click()
+        expect(page.locator("#lr-message")).to_contain_text("--end-lr", timeout=30_000)
+        assert not (outputs / "lr" / ".job.json").exists()
+
+        # range test: 6 updates from 0 to 0.2, a live curve, then the verdict in words and the plot
+        page.locator("#lr-end input, #lr-end textarea").first.fill("0.2")
+        page.locator("#lr-updates input").fill("6")
+        page.locator("#lr-run-range").click()
+        expect(page.locator("#lr-message")).to_contain_text("Started", timeout=30_000)
+        expect(page.locator("#lr-status")).to_contain_text("Range test", timeout=60_000)
+        verdict = page.locator("#lr-verdict")
+        expect(verdict).to_contain_text("Suggested range", timeout=240_000)
+        expect(verdict).to_contain_text("small validation set (2 images, one batch)")  # 25% of 8, BS 2
+        expect(page.locator("#lr-status")).to_contain_text("finished")
+        expect(page.locator("#lr-range-plot canvas, #lr-range-plot svg").first).to_be_visible()
+        expect(page.locator("#lr-image img")).to_be_visible()
+        run = next((outputs / "lr").glob("zorblat-lrfind-*"))
+        report = json.loads((run / "lr_find.json").read_text())
+        assert report["lower"] is not None and report["updates_run"] == 6
+        page.screenshot(path=str(tmp_path / "lr-range.png"), full_page=True)
+
+        # "Use this range" fills the Train tab with a triangular cycle between the bounds
+        expect(page.locator("#lr-use-range")).to_be_enabled()
+        page.locator("#lr-use-range").click()
+        expect(page.get_by_role("tab", name="Train", selected=True)).to_be_visible()
+        expect(field("Learning rate")).to_have_value(f"{report['upper']:.3g}")
+        expect(train.get_by_label("LR schedule")).to_have_value("triangular")
+
+        # sweep: two candidates, half an epoch each, recommendation and "Use this LR"
+        page.get_by_role("tab", name="LR finder").click()
+        page.locator("#lr-candidates input, #lr-candidates textarea").first.fill("0.05, 0.2")
+        page.locator("#lr-epochs input").fill("0.5")
+        page.locator("#lr-run-sweep").click()
+        expect(page.locator("#lr-message")).to_contain_text("Started", timeout=30_000)
+        expect(verdict).to_contain_text("Recommended LR", timeout=240_000)
+        expect(verdict).to_contain_text("LR 0.05: ")
+        expect(verdict).to_contain_text("LR 0.2: ")
+        expect(page.locator("#lr-sweep-plot canvas, #lr-sweep-plot svg").first).to_be_visible()
+        report = json.loads(next((outputs / "lr").glob("zorblat-sweep-*/sweep.json")).read_text())
+        page.screenshot(path=str(tmp_path / "lr-sweep.png"), full_page=True)
+        page.locator("#lr-use-lr").click()
+        expect(page.get_by_role("tab", name="Train", selected=True)).to_be_visible()
+        expect(field("Learning rate")).to_have_value(f"{report['recommended_lr']:.3g}")
+        expect(train.get_by_label("LR schedule")).to_have_value("constant")
+        assert "Traceback" not in page.content()
