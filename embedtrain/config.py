@@ -146,8 +146,7 @@ class TrainConfig:
         # Normalised in place: " zorb" or a decomposed "é" would otherwise name files and prompts differently
         # from the embedding's token, which then never appears in a prompt and is silently never trained.
         self.name = check_safe_name(self.name, "name")
-        if self.run_name:
-            self.run_name = check_safe_name(self.run_name, "run_name")
+        self.run_name = check_safe_name(self.run_name, "run_name") if self.run_name.strip() else ""
         need(1 <= self.vectors <= 75, "vectors", "between 1 and 75")
         need(self.repeats >= 1, "repeats", ">= 1")
         need(self.resolution >= 8 and self.resolution % 8 == 0, "resolution", "a multiple of 8, >= 8")

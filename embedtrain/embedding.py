@@ -421,11 +421,22 @@ def load_embedding(path) -> LoadedEmbedding:
     Hostile or damaged files raise EmbeddingError naming the file: pickles are loaded with
     weights_only=True (nothing but tensors and plain data), safetensors headers are checked before
     any data is read, PNG chunks and their decompression are bounded, and files over MAX_FILE are
-    refused unread."""
+    refused unread. The name stored inside a file is used only if it is a safe name (it may end up in
+    file names and prompts); otherwise the file's own name is."""
     path = Path(path)
     if not path.is_file():
         raise EmbeddingError(f"embedding file {path} does not exist")
     stem = path.stem.replace(".learned_embeds", "")
+    loaded = _load_any(path, stem)
+    from embedtrain.config import ConfigError, check_safe_name
+    try:
+        loaded.name = check_safe_name(loaded.name)
+    except ConfigError:
+        loaded.name = stem
+    return loaded
+
+
+def _load_any(path: Path, stem: str) -> LoadedEmbedding:
     if path.suffix.lower() == ".safetensors":
         tensors, meta = _read_safetensors(path)
         name = meta.get("name", stem)
