@@ -1,7 +1,352 @@
-"""Placeholder until this tab's issue lands (its owner replaces this file)."""
+"""Grid tab: seed-locked comparison grids of embeddings from the run history, and the steps-vs-GA study.
+
+The page never renders itself: Render starts `python -m embedtrain grid ... --progress json` (Study:
+`python -m embedtrain study ...`) in its own process and follows its JSON lines, so torch is never
+imported by the web server and a crash cannot take the page down. Only files inside the outputs folder
+are offered, read or written. The pure helpers (embedding_choices, grid_command, study_command,
+settings_of) are tested without a browser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import gradio as gr
 
+from embedtrain import EmbedtrainError
+from embedtrain.grid import (DEFAULT_PROMPTS, SAMPLERS, GridError, GridSettings, _pair_arg, default_out,
+                             parse_prompts, parse_seeds)
 
+ROOT = Path(__file__).resolve().parent.parent.parent
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+BASELINES = ["none", "init text", "no embedding", "this text"]
+# The Train tab inputs "Use these settings" fills from a run's config.json (those that exist are used).
+SEND = ("model", "data", "name", "init_text", "vectors", "batch_size", "grad_accum", "steps", "step_unit", "lr",
+        "lr_schedule", "lr_min", "lr_step_size", "lr_step_size_epochs", "lr_cycles", "lr_cycle_start",
+        "optimizer", "seed", "resolution", "val_split")
+GRID_FIELDS = ["model", "picked", "extra", "prompts", "seeds", "sample_steps", "cfg_scale", "sampler", "width",
+               "height", "negative_prompt", "baseline", "baseline_text", "swap_axes", "legend", "margin"]
+STUDY_FIELDS = ["data", "name", "init_text", "low", "high", "low_steps", "high_steps", "step_unit", "lr",
+                "val_split", "seed"]
+
+
+# ------------------------------------------------------------------ pure helpers
+def embedding_choices(outputs: Path, limit: int = 300) -> list[str]:
+    """Embedding files under the outputs folder (final files and snapshots), newest first, as relative paths."""
+    outputs = Path(outputs)
+    if not outputs.is_dir():
+        return []
+    found = []
+    for p in outputs.rglob("*"):
+        rel = p.relative_to(outputs)
+        if (p.suffix.lower() in EMBEDDING_SUFFIXES and p.name != "resume.pt" and p.is_file()
+                and not any(part.startswith(".") for part in rel.parts)):
+            found.append((p.stat().st_mtime, rel.as_posix()))
+    return [rel for _, rel in sorted(found, reverse=True)[:limit]]
+
+
+def _files(ctx, picked, extra: str) -> list[Path]:
+    paths = [ctx.outputs / p for p in (picked or [])]
+    for line in str(extra or "").splitlines():
+        if line.strip():
+            p = Path(line.strip()).expanduser()
+            paths.append(p if p.is_absolute() else ctx.outputs / p)
+    files = []
+    for p in paths:
+        p = ctx.inside_outputs(p)  # raises, naming the path, for anything outside outputs
+        if not p.is_file():
+            raise GridError(f"embedding file {p} does not exist")
+        files.append(p)
+    return files
+
+
+def _number(v, name: str, kind=int):
+    try:
+        x = float(v)
+        return int(x) if kind is int and x.is_integer() else kind(x)
+    except (TypeError, ValueError):
+        raise GridError(f"{name} must be a number, got {v!r}") from None
+
+
+def _grid_flags(v: dict, baseline_flag: bool = True) -> list[str]:
+    """Grid CLI flags from the form; checks everything first (errors name the field)."""
+    prompts = parse_prompts(v.get("prompts", ""))
+    seeds = parse_seeds(v.get("seeds", ""))
+    s = GridSettings(prompts=prompts, seeds=seeds, sample_steps=_number(v.get("sample_steps"), "sample_steps"),
+                     cfg_scale=_number(v.get("cfg_scale"), "cfg_scale", float), sampler=v.get("sampler") or "default",
+                     width=_number(v.get("width") or 0, "width"), height=_number(v.get("height") or 0, "height"),
+                     margin=_number(v.get("margin") or 0, "margin")).validate()
+    for p in prompts:
+        if p.startswith("-"):
+            raise GridError(f"prompts: {p!r} must not start with '-'")
+    argv = ["--prompts", *prompts, "--seeds", *map(str, seeds), "--sample-steps", str(s.sample_steps),
+            "--cfg-scale", str(s.cfg_scale), "--sampler", s.sampler, "--width", str(s.width), "--height",
+            str(s.height), "--margin", str(s.margin), "--progress", "json"]
+    if v.get("negative_prompt", "").strip():
+        argv += ["--negative-prompt=" + v["negative_prompt"].strip()]
+    if v.get("swap_axes"):
+        argv.append("--swap-axes")
+    if v.get("legend") is False:
+        argv.append("--no-legend")
+    baseline = v.get("baseline") or "none"
+    if baseline not in BASELINES:
+        raise GridError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+    text = str(v.get("baseline_text") or "").strip()
+    if baseline == "this text" and not text:
+        raise GridError("baseline_text must hold the words to put in place of the embedding (e.g. the init text)")
+    if baseline_flag:
+        argv += {"none": [], "init text": ["--baseline"], "no embedding": ["--baseline="],
+                 "this text": [f"--baseline={text}"]}[baseline]
+    else:  # the study's flag: a value, 'none', or its default (the init text)
+        argv += {"none": ["--baseline=none"], "init text": [], "no embedding": ["--baseline="],
+                 "this text": [f"--baseline={text}"]}[baseline]
+    return argv
+
+
+def grid_command(ctx, v: dict) -> tuple[list[str], Path]:
+    """(argv after `python -m embedtrain`, the grid PNG it will write) for the form's values."""
+    files = _files(ctx, v.get("picked"), v.get("extra", ""))
+    if not files and (v.get("baseline") or "none") == "none":
+        raise GridError("embeddings: pick one or more embeddings (or type their paths inside the outputs folder)")
+    model = str(v.get("model") or "").strip()
+    if not model:
+        raise GridError("model must be 'demo', a diffusers folder or a checkpoint file")
+    out = default_out(ctx.outputs)
+    argv = ["grid", "--model", model, "--out", str(out), *_grid_flags(v)]
+    if files:
+        argv[1:1] = ["--embeddings", *map(str, files)]
+    return argv, out
+
+
+def study_command(ctx, v: dict, grid_values: dict) -> tuple[list[str], Path]:
+    """(argv, study folder) for the study form plus the grid form's prompts, seeds and sampler settings."""
+    low, high = _pair_arg(v.get("low", ""), "low"), _pair_arg(v.get("high", ""), "high")
+    data = str(v.get("data") or "").strip()
+    if not data or not Path(data).is_dir():
+        raise GridError(f"data must be a folder of training images, got {data!r}")
+    name = str(v.get("name") or "").strip() or "study"
+    folder = ctx.inside_outputs(ctx.outputs / f"study-{time.strftime('%Y%m%d-%H%M%S')}")
+    argv = ["study", "--model", str(grid_values.get("model") or "demo").strip(), "--data", data, "--name", name,
+            "--low", f"{low[0]},{low[1]}", "--high", f"{high[0]},{high[1]}",
+            "--low-steps", str(_number(v.get("low_steps"), "low_steps")),
+            "--high-steps", str(_number(v.get("high_steps"), "high_steps")),
+            "--step-unit", str(v.get("step_unit") or "batch"), "--study-out", str(folder)]
+    for key, flag in (("init_text", "--init-text"), ("lr", "--lr"), ("val_split", "--val-split"), ("seed", "--seed")):
+        val = v.get(key)
+        if val not in (None, ""):
+            argv += [flag, str(val)]
+    return argv + _grid_flags(grid_values, baseline_flag=False), folder
+
+
+def settings_of(ctx, picked) -> dict:
+    """The training settings of the first picked embedding's run (its config.json), for the Train tab."""
+    from embedtrain.config import TrainConfig
+    if not picked:
+        raise GridError("pick an embedding first: its run's settings are sent to the Train tab")
+    path = ctx.inside_outputs(ctx.outputs / picked[0])
+    for name in ("config.json", "job.json"):
+        if (path.parent / name).is_file():
+            cfg = TrainConfig.load(path.parent / name)
+            return {k: (str(getattr(cfg, k)) if k == "lr" else getattr(cfg, k)) for k in SEND}
+    raise GridError(f"{picked[0]} has no config.json beside it: it was not trained by embedtrain here")
+
+
+# ------------------------------------------------------------------ the render process
+class Runner:
+    """One grid or study process at a time per server; its JSON lines come back as events."""
+
+    def __init__(self, outputs: Path):
+        self.outputs = Path(outputs)
+        self.proc = None
+        self.lock = threading.Lock()
+
+    def stream(self, argv: list[str]):
+        with self.lock:
+            if self.proc is not None and self.proc.poll() is None:
+                raise GridError("a grid or study is already running; wait for it or press Stop")
+            log_path = self.outputs / "grids" / ".last-render.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "wb")
+            env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+            env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+            self.proc = proc = subprocess.Popen([sys.executable, "-m", "embedtrain", *argv], stdout=subprocess.PIPE,
+                                                stderr=log, cwd=str(ROOT), env=env, text=True)
+            log.close()
+        ended = False
+        for line in proc.stdout:
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            ended = ended or ev.get("event") in ("done", "error")
+            yield ev
+        rc = proc.wait()
+        if not ended:
+            tail = log_path.read_text(encoding="utf-8", errors="replace")[-1500:]
+            yield {"event": "error", "message": f"the render process ended with code {rc}"
+                   + (" (stopped)" if rc < 0 else "") + (f". Last output:\n{tail}" if tail.strip() else "")}
+
+    def stop(self) -> str:
+        if self.proc is None or self.proc.poll() is not None:
+            return "nothing is rendering"
+        self.proc.terminate()
+        return "stopped"
+
+
+def _progress_text(ev: dict) -> str:
+    return f"{ev['message']} ({ev['done']:.0f} of {ev['total']})"
+
+
+# ------------------------------------------------------------------ layout and wiring
 def build(ctx) -> None:
-    gr.Markdown("This tab is being built.")
+    runner = Runner(ctx.outputs)
+    gr.Markdown("Same prompts, same seeds, one column per embedding: every column starts from the same noise, "
+                "so the only difference you see is the embedding. Write `{}` or `[name]` where the embedding goes.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            model = gr.Textbox(ctx.model, label="Model", info="'demo', a diffusers folder or a checkpoint file",
+                               elem_id="grid-model")
+            with gr.Row():
+                picked = gr.CheckboxGroup(embedding_choices(ctx.outputs), label="Embeddings from the outputs folder "
+                                          "(runs, snapshots, studies; newest first)", elem_id="grid-embeddings",
+                                          scale=4)
+                refresh = gr.Button("Refresh", size="sm", scale=0, min_width=90, elem_id="grid-refresh")
+            extra = gr.Textbox(label="More embedding files", lines=2, elem_id="grid-extra",
+                               info="paths inside the outputs folder, one per line")
+            prompts = gr.Textbox("\n".join(DEFAULT_PROMPTS), label="Prompts (one per line)", lines=3,
+                                 elem_id="grid-prompts")
+            seeds = gr.Textbox("1 2", label="Seeds", info="e.g. 1 2 3 or 1-4; one row per prompt and seed",
+                               elem_id="grid-seeds")
+            with gr.Row():
+                sample_steps = gr.Number(20, label="Sampling steps", precision=0, minimum=1,
+                                         elem_id="grid-sample-steps")
+                cfg_scale = gr.Number(7.5, label="CFG scale", minimum=0, elem_id="grid-cfg")
+                sampler = gr.Dropdown(list(SAMPLERS), value="default", label="Sampler", elem_id="grid-sampler")
+            with gr.Row():
+                width = gr.Number(0, label="Width (0 = model's)", precision=0, minimum=0)
+                height = gr.Number(0, label="Height (0 = model's)", precision=0, minimum=0)
+                margin = gr.Number(0, label="Margin (px)", precision=0, minimum=0)
+            negative = gr.Textbox(label="Negative prompt")
+            with gr.Row():
+                baseline = gr.Radio(BASELINES, value="none", label="Baseline column", elem_id="grid-baseline")
+                baseline_text = gr.Textbox(label="Baseline text", info="for 'this text'")
+            with gr.Row():
+                swap = gr.Checkbox(False, label="Swap axes (embeddings as rows)", elem_id="grid-swap")
+                legend = gr.Checkbox(True, label="Legend", elem_id="grid-legend")
+            with gr.Row():
+                render_btn = gr.Button("Render grid", variant="primary", elem_id="grid-render")
+                stop_btn = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="grid-stop")
+                use_btn = gr.Button("Use these settings", scale=0, min_width=170, elem_id="grid-use")
+            with gr.Accordion("Steps vs gradient accumulation study (gaST, gast, GAST, GAst)", open=False,
+                              elem_id="grid-study"):
+                gr.Markdown("Trains four embeddings with the same seed and data (two BS,GA settings x two run "
+                            "lengths; lower case = low), then grids them with the prompts and seeds above and "
+                            "writes the guide's four pairwise comparisons and a table.")
+                with gr.Row():
+                    s_data = gr.Textbox(ctx.data, label="Data folder", scale=3)
+                    s_name = gr.Textbox("study", label="Name prefix")
+                    s_init = gr.Textbox("star" if ctx.model == "demo" else "", label="Init text")
+                with gr.Row():
+                    s_low = gr.Textbox("13,2", label="Setting 1: BS,GA")
+                    s_high = gr.Textbox("3,17", label="Setting 2: BS,GA")
+                    s_low_steps = gr.Number(150, label="Low steps", precision=0)
+                    s_high_steps = gr.Number(3000, label="High steps", precision=0)
+                with gr.Row():
+                    s_unit = gr.Radio(["batch", "update"], value="batch", label="Step unit")
+                    s_lr = gr.Textbox("", label="LR (empty = model preset)")
+                    s_val = gr.Number(0.0, label="Validation split")
+                    s_seed = gr.Number(0, label="Seed", precision=0)
+                study_btn = gr.Button("Run study", variant="primary", elem_id="grid-study-run")
+        with gr.Column(scale=3):
+            status = gr.Markdown("", elem_id="grid-status")
+            image = gr.Image(label="Grid", type="filepath", interactive=False, elem_id="grid-image")
+            download = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="grid-file")
+            pairs = gr.Gallery(label="Study: pairwise comparisons", columns=2, height=320, visible=False,
+                               elem_id="grid-pairs")
+            table = gr.Dataframe(label="Study: runs", interactive=False, visible=False, elem_id="grid-table")
+
+    grid_inputs = [model, picked, extra, prompts, seeds, sample_steps, cfg_scale, sampler, width, height, negative,
+                   baseline, baseline_text, swap, legend, margin]
+    study_inputs = [s_data, s_name, s_init, s_low, s_high, s_low_steps, s_high_steps, s_unit, s_lr, s_val, s_seed]
+
+    def do_refresh(current):
+        choices = embedding_choices(ctx.outputs)
+        return gr.update(choices=choices, value=[c for c in (current or []) if c in choices])
+
+    refresh.click(do_refresh, picked, picked, show_progress="hidden")
+
+    def follow(argv, progress):
+        """Yield (status text, done event or None) while the process runs."""
+        yield "Starting…", None
+        for ev in runner.stream(argv):
+            if ev["event"] == "progress":
+                progress(min(1.0, ev["done"] / max(ev["total"], 1)), desc=ev["message"])
+                yield _progress_text(ev), None
+            elif ev["event"] == "error":
+                yield f"**Error:** {ev['message']}", None
+                return
+            elif ev["event"] == "done":
+                yield "", ev
+
+    def render(*args, progress=gr.Progress()):
+        v = dict(zip(GRID_FIELDS, args))
+        try:
+            argv, out = grid_command(ctx, v)
+            for text, done in follow(argv, progress):
+                if done is None:
+                    yield text, gr.update(), gr.update()
+                else:
+                    cells = sorted(Path(done["folder"]).glob("*.png"))
+                    yield (f"Wrote `{Path(done['grid']).relative_to(ctx.outputs)}`: {done['cells']} cells in "
+                           f"{done['seconds']} s (plus the model load); the cells are in "
+                           f"`{Path(done['folder']).relative_to(ctx.outputs)}/`",
+                           done["grid"], [done["grid"], *map(str, cells)])
+        except (EmbedtrainError, ValueError) as e:
+            yield f"**Error:** {e}", gr.update(), gr.update()
+
+    render_btn.click(render, grid_inputs, [status, image, download], api_name="grid", concurrency_limit=1)
+    stop_btn.click(lambda: runner.stop(), None, status, api_name="grid_stop")
+
+    def study(*args, progress=gr.Progress()):
+        v = dict(zip(STUDY_FIELDS, args[:len(STUDY_FIELDS)]))
+        g = dict(zip(GRID_FIELDS, args[len(STUDY_FIELDS):]))
+        keep = (gr.update(),) * 4
+        try:
+            argv, folder = study_command(ctx, v, g)
+            for text, done in follow(argv, progress):
+                if done is None:
+                    yield (text, *keep)
+                    continue
+                import pandas as pd
+                frame = pd.read_csv(done["table"], dtype=str, keep_default_na=False)
+                pair_items = [(p, name) for name, p in done["pairs"].items()]
+                files = [done["grid"], done["table"], *done["pairs"].values()]
+                yield (f"Study written to `{Path(done['folder']).relative_to(ctx.outputs)}/`", done["grid"], files,
+                       gr.update(value=pair_items, visible=True), gr.update(value=frame, visible=True))
+        except (EmbedtrainError, ValueError) as e:
+            yield (f"**Error:** {e}", *keep)
+
+    study_btn.click(study, study_inputs + grid_inputs, [status, image, download, pairs, table], api_name="study",
+                    concurrency_limit=1)
+
+    # "Use these settings": the first picked embedding's training settings go to the Train tab.
+    targets = [(k, ctx.train[k]) for k in SEND if ctx.train.get(k) is not None]
+
+    def use(chosen):
+        try:
+            settings = settings_of(ctx, chosen)
+        except (EmbedtrainError, ValueError) as e:
+            return [gr.update() for _ in targets] + ([gr.update()] if ctx.tabs is not None else []) + [
+                f"**Error:** {e}"]
+        return [settings[k] for k, _ in targets] + ([gr.Tabs(selected="train")] if ctx.tabs is not None else []) \
+            + [f"Sent the settings of `{chosen[0]}` to the Train tab"]
+
+    use_btn.click(use, picked, [c for _, c in targets] + ([ctx.tabs] if ctx.tabs is not None else []) + [status])
+    # on (re)load only the choices change: what the user ticks meanwhile is kept
+    ctx.on_load.append((lambda: gr.update(choices=embedding_choices(ctx.outputs)), None, picked))
