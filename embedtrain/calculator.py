@@ -269,8 +269,8 @@ def derive(images, batch_size, grad_accum, steps, step_unit="update", repeats=1,
         repeats: times each training image appears per epoch (A1111 style).
         val_split: fraction held out for validation, in [0, 1); see split_counts for the rule.
         processes: data-parallel processes; each takes its own batch of batch_size images.
-    Raises CalcError naming the field for any bad input, and when one batch needs more images than
-    there are training images.
+    Raises CalcError naming the field for any bad input, when one batch needs more images than there
+    are training images, and when the steps (in batches) are too few for a single weight update.
     """
     train, val = split_counts(images, val_split)
     reps = _whole("repeats", repeats)
@@ -281,6 +281,9 @@ def derive(images, batch_size, grad_accum, steps, step_unit="update", repeats=1,
     steps = _whole("steps", steps)
     unit = _step_unit(step_unit)
 
+    if unit == "batch" and steps < ga:
+        raise CalcError(f"steps {steps} (batches) with grad_accum {ga} make no weight update: with step_unit batch, "
+                        f"steps must be at least grad_accum ({ga})", "steps")
     batches = steps * ga if unit == "update" else steps
     shown = batches * bs * p
     per_update = bs * ga * p

@@ -237,6 +237,7 @@ def test_steps_for_target():
     ("steps", dict(steps=10.5), "whole number"),
     ("steps", dict(steps=float("inf")), "whole number"),
     ("step_unit", dict(step_unit="epoch"), "one of update, batch"),
+    ("steps", dict(steps=1, step_unit="batch"), "make no weight update"),  # 1 batch < GA 2
     ("repeats", dict(repeats=0), ">= 1"),
     ("val_split", dict(val_split=1), "[0, 1)"),
     ("val_split", dict(val_split=-0.1), "[0, 1)"),

@@ -91,6 +91,7 @@ def test_a_prime_gets_the_nearest_full_cycle_options():
     ("val_split", 1, "must be a number in [0, 1), got 1"),
     ("processes", 0, ">= 1"),
     ("step_unit", None, "must be one of update, batch"),
+    ("steps", 1, "make no weight update"),  # 1 batch with GA 2
 ])
 def test_bad_input_shows_one_message_naming_the_field(key, value, says):
     out = compute(values(**{key: value}))
@@ -108,6 +109,20 @@ def test_a_bad_section_input_only_blanks_its_own_section():
     assert out["study_note"].startswith("**Other GA** must differ from Gradient accumulation (GA)") and out["study"].empty
     assert "**Target weight updates** must be a whole number >= 1, got -3" in out["target"]
     assert "100 epochs" in out["target"]
+
+
+def test_no_input_combination_raises():
+    # Every section copes with whatever the number boxes send: empty (None), 0, negatives, fractions,
+    # text, nan, huge values, and settings that leave a run without a single weight update.
+    import random
+    rng = random.Random(0)
+    pool = [None, 0, -1, 1, 2, 3, 13, 29, 2.5, 0.2, 1e10, float("nan"), float("inf"), "", "abc", "12", True,
+            10**9, "update", "batch"]
+    for _ in range(150):
+        v = {k: rng.choice(pool) if rng.random() < 0.4 else DEFAULTS[k] for k in INPUTS}
+        out = compute(v)
+        assert (out["settings"] is None) == bool(out["error"]), (v, out["error"])
+        assert "Traceback" not in str(out)
 
 
 def test_module_is_light_and_build_wires_live_updates_and_the_send_button():

@@ -171,12 +171,12 @@ def compute(values: dict) -> dict:
     # 4. cyclical learning rates (Smith 2017; SCIENCE.md section 2)
     upe = d.updates_per_epoch
     u = d.weight_updates
-    out["clr_table"] = _frame(CLR_COLUMNS, [
-        (k, s, fmt(calc.cycles_for_run(u, s)), calc.low_point_run(s, u))
-        for k in range(2, 11) for s in [calc.step_size_for_epochs(k, d.images, d.batch_size, d.grad_accum, d.processes)]])
     clr = [f"- updates per epoch = images / (BS x GA{' x processes' if d.processes > 1 else ''}) = "
            f"{d.images} / {d.images_per_update} = **{fmt(upe)}** updates / epoch"]
     try:
+        out["clr_table"] = _frame(CLR_COLUMNS, [
+            (k, s, fmt(calc.cycles_for_run(u, s)), calc.low_point_run(s, u)) for k in range(2, 11)
+            for s in [calc.step_size_for_epochs(k, d.images, d.batch_size, d.grad_accum, d.processes)]])
         s = calc._whole("step_size", v["clr_step_size"])
         low = calc.low_point_run(s, u)
         clr.append(f"- step size {s} updates: this run of {u} updates = {u} / (2 x {s}) = "
