@@ -55,12 +55,24 @@ def app_server(outputs: Path, *args: str, timeout: float = 90.0):
             time.sleep(0.25)
         yield url
     finally:
+        _kill_job(Path(outputs))
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def _kill_job(outputs: Path) -> None:
+    """A training job outlives the server by design; a test must not leave one running."""
+    import json
+    import signal
+    try:
+        job = json.loads((outputs / ".job.json").read_text())
+        os.killpg(job["pid"], signal.SIGKILL)  # jobs run in their own session: kill the whole group
+    except (FileNotFoundError, ValueError, KeyError, ProcessLookupError, PermissionError):
+        pass
 
 
 @contextmanager

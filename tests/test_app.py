@@ -1,0 +1,204 @@
+"""The web app: the Train tab's helpers, the exposure rules, the HTTP API (gradio_client) and a real
+Chromium session that trains, stops and survives a reload."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from uihelp import ROOT, _kill_job, app_server, chromium_page, free_port
+
+
+# ---------------------------------------------------------------- pure helpers (no server)
+
+@pytest.fixture
+def ctx(tmp_path):
+    from embedtrain.ui.context import DEMO_DATASET, UIContext
+    return UIContext(outputs=tmp_path / "outputs", model="demo", data=str(DEMO_DATASET))
+
+
+def form(ctx, **changes):
+    from embedtrain.ui.train_tab import FIELDS, default_config
+    cfg = default_config(ctx)
+    values = {k: getattr(cfg, k) for k in FIELDS}
+    values["lr"] = str(values["lr"])
+    values.update(changes)
+    return values
+
+
+def test_form_defaults_are_the_demo_preset(ctx):
+    from embedtrain.ui.train_tab import form_config
+    cfg = form_config(ctx, form(ctx))
+    assert (cfg.model, cfg.resolution, cfg.init_text, cfg.name) == ("demo", 64, "star", "purplestar")
+    assert Path(cfg.out) == ctx.outputs
+
+
+def test_form_errors_name_the_field(ctx):
+    from embedtrain import EmbedtrainError
+    from embedtrain.ui.train_tab import derived_text, form_config
+    with pytest.raises(EmbedtrainError, match="grad_accum must be >= 1"):
+        form_config(ctx, form(ctx, grad_accum=0))
+    with pytest.raises(EmbedtrainError, match="lr must be a number"):
+        form_config(ctx, form(ctx, lr="fast"))
+    with pytest.raises(EmbedtrainError, match="batch_size must be a whole number"):
+        form_config(ctx, form(ctx, batch_size=2.5))
+    assert derived_text(ctx, form(ctx, data="/nonexistent/x")).startswith("Error: data folder")
+
+
+def test_form_takes_a1111_piecewise_lr(ctx):
+    from embedtrain.ui.train_tab import form_config, schedule_frame
+    values = form(ctx, lr="0.005:5, 1e-3:10, 1e-4", steps=20)
+    cfg = form_config(ctx, values)
+    assert cfg.lr_schedule == "piecewise" and cfg.lr_piecewise.startswith("0.005:5")
+    frame, desc = schedule_frame(ctx, values)
+    assert list(frame["lr"][:5]) == [0.005] * 5 and frame["lr"].iloc[-1] == pytest.approx(1e-4)
+    # A schedule that ends before the run is refused with the reason, not plotted.
+    frame, desc = schedule_frame(ctx, form(ctx, lr="0.005:5, 1e-3:10", steps=20))
+    assert frame.empty and desc.startswith("Error")
+
+
+def test_derived_numbers_agree_with_the_calculator(ctx):
+    from embedtrain.ui.train_tab import derived_text
+    text = derived_text(ctx, form(ctx, batch_size=4, grad_accum=3, steps=10))  # 12 demo images
+    assert "12 images" in text and "10 weight updates" in text and "30 batches" in text
+    assert "10.00 epochs" in text and "**full-cycle**" in text
+    assert "not full-cycle" in derived_text(ctx, form(ctx, batch_size=5, grad_accum=1, steps=10))
+
+
+def test_plot_frames_and_status_view(tmp_path):
+    from embedtrain.ui.jobs import JobStatus
+    from embedtrain.ui.train_tab import plot_frames, status_view
+    rows = [{"update": "1", "loss": "0.5", "val_loss": "", "lr": "0.01", "effective_lr": "0.01"},
+            {"update": "2", "loss": "0.4", "val_loss": "0.45", "lr": "0.01", "effective_lr": "0.02"}]
+    loss, lr = plot_frames(rows)
+    assert list(loss["series"]) == ["loss", "loss", "validation loss"]
+    assert list(lr["series"]) == ["lr", "lr", "effective lr (d x lr)"]
+    v = status_view(JobStatus("failed", run_dir=str(tmp_path), name="x", update=2, weight_updates=5, loss=0.4,
+                              message="loss became nan at update 3", rows=rows))
+    assert "Failed" in v["progress"] and "loss became nan" in v["progress"] and "2 / 5" in v["progress"]
+
+
+# ---------------------------------------------------------------- exposure rules
+
+def test_refuses_a_public_host_without_auth(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "app.py"), "--host", "0.0.0.0", "--port", str(free_port()),
+                        "--outputs", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--auth" in r.stderr
+
+
+def test_auth_parsing(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import app
+    assert app.parse_auth("ann:secret") == [("ann", "secret")]
+    f = tmp_path / "users.txt"
+    f.write_text("# team\nann:one\n\nbob:two:three\n")
+    assert app.parse_auth(str(f)) == [("ann", "one"), ("bob", "two:three")]
+    with pytest.raises(SystemExit, match="user:pass"):
+        app.parse_auth("ann:")
+
+
+# ---------------------------------------------------------------- API and browser
+
+def _wait(predicate, timeout, what):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_http_api_with_auth(tmp_path):
+    """Unauthenticated calls are refused; with credentials the 'status' endpoint answers, and a 'train'
+    call with a bad setting returns the field-named error instead of starting a job."""
+    from gradio_client import Client
+    with app_server(tmp_path / "outputs", "--auth", "ann:secret") as url:
+        import urllib.error
+        import urllib.request
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "gradio_api/info", timeout=10)
+        assert e.value.code in (401, 403)
+        with pytest.raises(Exception):
+            Client(url, verbose=False).predict(api_name="/status")
+        client = Client(url, auth=("ann", "secret"), verbose=False)
+        progress = client.predict(api_name="/status")[0]
+        assert "No job running" in progress
+        api = client.view_api(print_info=False, return_format="dict")
+        assert "/train" in api["named_endpoints"] and "/stop" in api["named_endpoints"]
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_browser_train_stop_reload(tmp_path):
+    """Open every tab; train 6 updates from the form and see the loss plot fill and the embedding appear;
+    start a long run, reload the page mid-run and find it; press Stop and see it saved and resumable."""
+    outputs = tmp_path / "outputs"
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    with app_server(outputs) as url, chromium_page() as page:
+        page.goto(url)
+        for tab in ("Calculator", "LR finder", "Grid", "Train"):
+            page.get_by_role("tab", name=tab).click()
+            page.screenshot(path=str(shots / f"tab-{tab}.png"))
+        page.wait_for_function("(document.querySelector('#derived') || {innerText: ''}).innerText.includes('images')")
+        page.get_by_label("Embedding name").fill("firststar")
+        page.get_by_label("Max steps").fill("6")
+        page.get_by_label("Max steps").press("Tab")
+        page.wait_for_function("(document.querySelector('#derived') || {innerText: ''}).innerText.includes('6 weight updates')")
+        page.click("#train-button")
+        page.wait_for_function("(document.querySelector('#progress') || {innerText: ''}).innerText.includes('Finished')", timeout=400_000)
+        page.screenshot(path=str(shots / "finished.png"), full_page=True)
+        run = next(p for p in outputs.iterdir() if p.name.startswith("firststar-"))
+        assert (run / "firststar.safetensors").is_file()
+        rows = (run / "log.csv").read_text().strip().splitlines()
+        assert len(rows) == 7  # header + 6 updates
+        assert "firststar\n.safetensors" in page.inner_text("#run-files")
+        # The loss plot has drawn its points (vega marks in the plot's svg/canvas).
+        assert page.locator("#loss-plot canvas, #loss-plot svg path").count() > 0
+
+        # A long run: reload mid-run, find it again, stop it.
+        page.get_by_label("Embedding name").fill("secondstar")
+        page.get_by_label("Max steps").fill("5000")
+        page.get_by_label("Max steps").press("Tab")
+        page.click("#train-button")
+        page.wait_for_function("/update [1-9]/.test((document.querySelector('#progress') || {innerText: ''}).innerText)",
+                               timeout=120_000)
+        page.reload()
+        page.wait_for_function("(document.querySelector('#progress') || {innerText: ''}).innerText.includes('Training: secondstar')",
+                               timeout=30_000)
+        page.screenshot(path=str(shots / "after-reload.png"), full_page=True)
+        assert page.locator("#train-button").is_disabled()  # one job at a time
+        page.click("#stop-button")
+        page.wait_for_function("(document.querySelector('#progress') || {innerText: ''}).innerText.includes('Stopped')", timeout=60_000)
+        page.screenshot(path=str(shots / "stopped.png"), full_page=True)
+    run2 = next(p for p in outputs.iterdir() if p.name.startswith("secondstar-"))
+    assert (run2 / "secondstar.safetensors").is_file() and (run2 / "resume.pt").is_file()
+    from safetensors import safe_open
+    with safe_open(str(run2 / "secondstar.safetensors"), "pt") as f:
+        assert f.metadata()["status"] == "stopped"
+
+
+@pytest.mark.slow
+def test_one_job_at_a_time(tmp_path, images):
+    """A second start while a job runs is refused with a message naming the running job; stop ends it."""
+    from embedtrain.config import TrainConfig
+    from embedtrain.ui.jobs import JobError, JobManager
+    jobs = JobManager(tmp_path / "outputs")
+    cfg = TrainConfig(model="tiny", data=str(images), name="longrun", init_text="circle", steps=100000,
+                      template="object", resolution=32)
+    run = jobs.start(cfg)
+    try:
+        with pytest.raises(JobError, match="already running: longrun"):
+            jobs.start(cfg.replace(name="other"))
+        _wait(lambda: jobs.status().update > 0, 120, "the first update")
+    finally:
+        jobs.stop()
+        jobs.wait(90)
+        _kill_job(tmp_path / "outputs")
+    st = jobs.status(str(run))
+    assert st.state == "stopped" and (run / "longrun.safetensors").is_file()
