@@ -455,12 +455,16 @@ def render_grid(pipe, info, embeddings, settings: GridSettings, out=None, progre
                 return {}
 
             autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else _null()
-            with torch.no_grad(), autocast:
-                out_ = pipe(prompt=[texts[i] for i in batch],
-                            negative_prompt=[s.negative_prompt] * len(batch) if s.negative_prompt else None,
-                            latents=latents, generator=gens, num_inference_steps=s.sample_steps,
-                            guidance_scale=s.cfg_scale, height=height, width=width, output_type="pil",
-                            callback_on_step_end=on_step)
+            try:
+                with torch.no_grad(), autocast:
+                    out_ = pipe(prompt=[texts[i] for i in batch],
+                                negative_prompt=[s.negative_prompt] * len(batch) if s.negative_prompt else None,
+                                latents=latents, generator=gens, num_inference_steps=s.sample_steps,
+                                guidance_scale=s.cfg_scale, height=height, width=width, output_type="pil",
+                                callback_on_step_end=on_step)
+            except torch.OutOfMemoryError:
+                raise GridError(f"batch_size {s.batch_size} ran out of {device.type} memory at {width}x{height}; "
+                                f"render fewer cells together (--render-batch {max(1, s.batch_size // 2)})") from None
             for i, im in zip(batch, out_.images):
                 images[i] = im
             done += len(batch)
@@ -474,7 +478,7 @@ def render_grid(pipe, info, embeddings, settings: GridSettings, out=None, progre
                   Seed=s.seeds[0], Size=f"{width}x{height}", **{"Model hash": info.hash}, Model=info.name)
     grid_fields = axes_fields(fields, [c.name for c in columns], rows, s.swap_axes)
     parameters = infotext(cells[0].prompt, s.negative_prompt, grid_fields)
-    grid = _picture(images, rows, columns, s)
+    grid = grid_picture(images, rows, columns, s)
     result = GridResult(None, None, grid, images, cells, columns, parameters, fields=fields)
     if out is not None:
         result.path, result.folder = Path(out), Path(out).with_suffix("")
@@ -522,7 +526,9 @@ def _check_lengths(pipe, prompts, columns) -> None:
                                 f"most {limit}: shorten it")
 
 
-def _picture(images, rows, columns, s: GridSettings):
+def grid_picture(images, rows, columns, s: GridSettings):
+    """The grid picture of row-major cell images (rows = (prompt, seed), one column per `columns`),
+    turned when `s.swap_axes`, labelled unless `s.legend` is off."""
     n_cols = len(columns)
     row_labels = [[p.replace("{}", "[name]") if "{}" in p else p, f"seed {seed}"] for p, seed in rows]
     col_labels = [c.label for c in columns]
@@ -592,6 +598,7 @@ def run_study(base, low, high, low_steps: int, high_steps: int, out, settings: G
     """
     from embedtrain import data, models
     from embedtrain.calculator import split_counts, study_table
+    from embedtrain.embedding import load_embedding
     from embedtrain.trainer import Trainer
 
     out = Path(out)
@@ -622,10 +629,10 @@ def run_study(base, low, high, low_steps: int, high_steps: int, out, settings: G
         if res.status != "finished":
             raise GridError(f"study run {run.name} {res.status}: {res.message}")
         done += run.weight_updates
-        meta = trainer.metadata(res.updates, trainer.plan.batches, res.final_loss, res.val_loss)
+        meta = load_embedding(res.files[0]).meta  # what the run really did, as its file records it
         rows.append({"run": run.name, "meaning": run.meaning, "batch_size": run.batch_size,
                      "grad_accum": run.grad_accum, "steps": run.steps, "step_unit": step_unit,
-                     "batches": trainer.plan.batches, "epochs": _num(meta["epochs"]),
+                     "batches": meta["batches"], "epochs": _num(meta["epochs"]),
                      "weight_updates": res.updates, "final_loss": _fmt_loss(res.final_loss),
                      "val_loss": _fmt_loss(res.val_loss), "status": res.status,
                      "embedding": str(res.files[0].relative_to(out))})
@@ -644,7 +651,7 @@ def run_study(base, low, high, low_steps: int, high_steps: int, out, settings: G
         per_col = len(grid.columns)
         pair_images = [grid.images[r * per_col + c] for r in range(n_rows) for c in (ca, cb)]
         rows_ = [(p, seed) for p in settings.prompts for seed in settings.seeds]
-        picture = _picture(pair_images, rows_, [grid.columns[ca], grid.columns[cb]], settings)
+        picture = grid_picture(pair_images, rows_, [grid.columns[ca], grid.columns[cb]], settings)
         text = infotext(grid.cells[0].prompt, settings.negative_prompt,
                         axes_fields(grid.fields, [f"{prefix}-{a}", f"{prefix}-{b}"], rows_, settings.swap_axes))
         pairs[f"{a} vs {b}"] = _png(picture, out / f"{a}-vs-{b}.png", text)
@@ -775,7 +782,7 @@ def cli_grid(argv=None) -> int:
     return 0
 
 
-def _pair_arg(text: str, name: str) -> tuple[int, int]:
+def parse_pair(text: str, name: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*[,x:/ ]\s*(\d+)\s*", str(text))
     if not m:
         raise GridError(f"{name} must be BATCH_SIZE,GRAD_ACCUM, e.g. 13,2; got {text!r}")
@@ -806,7 +813,7 @@ def cli_study(argv=None) -> int:
     if not hasattr(args, "name"):
         args.name = "study"
     try:
-        low, high = _pair_arg(args.low, "--low"), _pair_arg(args.high, "--high")
+        low, high = parse_pair(args.low, "--low"), parse_pair(args.high, "--high")
         base = config_from_args(args, args.config).replace(step_unit=args.step_unit)
         if args.baseline == "@init":
             baseline = base.init_text if base.init_text.strip() not in ("", "*") else None

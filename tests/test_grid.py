@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from embedtrain.embedding import save_embedding
-from embedtrain.grid import (GridError, GridSettings, _picture, compose, describe_meta, fill, infotext,
+from embedtrain.grid import (GridError, GridSettings, grid_picture, compose, describe_meta, fill, infotext,
                              parse_seeds, render_grid)
 
 META = {"batch_size": 13, "grad_accum": 2, "step": 3000, "step_unit": "batch", "updates": 1500,
@@ -73,12 +73,12 @@ def test_compose_sizes_and_axes_swap():
     cols = [Column("a", "a"), Column("b", "b"), Column("c", "c")]
     rows = [("p {}", 1), ("p {}", 2)]
     s = GridSettings(legend=False, cell_size=32)
-    assert _picture(ims, rows, cols, s).size == (96, 64)
-    swapped = _picture(ims, rows, cols, GridSettings(legend=False, cell_size=32, swap_axes=True))
+    assert grid_picture(ims, rows, cols, s).size == (96, 64)
+    swapped = grid_picture(ims, rows, cols, GridSettings(legend=False, cell_size=32, swap_axes=True))
     assert swapped.size == (64, 96)
     # swapped: row = column c, column = row r, so image (r=1, c=2) = ims[5] sits at (x=1, y=2)
     assert swapped.getpixel((32 + 5, 64 + 5)) == (200, 0, 0)
-    labelled = _picture(ims, rows, cols, GridSettings(cell_size=32))
+    labelled = grid_picture(ims, rows, cols, GridSettings(cell_size=32))
     assert labelled.size[0] > 96 and labelled.size[1] > 64   # headers and row labels take room
 
 

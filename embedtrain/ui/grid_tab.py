@@ -20,7 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from embedtrain import EmbedtrainError
-from embedtrain.grid import (DEFAULT_PROMPTS, SAMPLERS, GridError, GridSettings, _pair_arg, default_out,
+from embedtrain.grid import (DEFAULT_PROMPTS, SAMPLERS, GridError, GridSettings, parse_pair, default_out,
                              parse_prompts, parse_seeds)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -126,7 +126,7 @@ def grid_command(ctx, v: dict) -> tuple[list[str], Path]:
 
 def study_command(ctx, v: dict, grid_values: dict) -> tuple[list[str], Path]:
     """(argv, study folder) for the study form plus the grid form's prompts, seeds and sampler settings."""
-    low, high = _pair_arg(v.get("low", ""), "low"), _pair_arg(v.get("high", ""), "high")
+    low, high = parse_pair(v.get("low", ""), "low"), parse_pair(v.get("high", ""), "high")
     data = str(v.get("data") or "").strip()
     if not data or not Path(data).is_dir():
         raise GridError(f"data must be a folder of training images, got {data!r}")
