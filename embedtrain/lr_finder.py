@@ -226,8 +226,8 @@ def describe_curve(lr: float, c: dict, unit: str = "updates") -> str:
         if c["rises"]:
             return (f"{head}: the validation loss rises from the start ({c['start']:.5g} -> {c['end']:.5g}); "
                     "this LR is too high")
-        return (f"{head}: the validation loss stays at {c['start']:.5g} (best {c['best']:.5g}); this LR is too low "
-                "to move the embedding in this many updates")
+        return (f"{head}: the validation loss does not move beyond noise ({c['start']:.5g}, best {c['best']:.5g}); "
+                "too low to move the embedding in this many updates, or so high that it overshoots")
     fall = f"{c['start']:.5g} -> {c['best']:.5g}"
     if c["verdict"] == "turns_up":
         return (f"{head} after {c['turns_up_after']} {unit}: it falls {fall}, then rises to {c['end']:.5g}; "
@@ -236,6 +236,23 @@ def describe_curve(lr: float, c: dict, unit: str = "updates") -> str:
         return (f"{head}: it falls {fall} with {c['bumps']} bump{'s' if c['bumps'] > 1 else ''} on the way "
                 f"(it recovers); usable, but a lower LR runs smoother")
     return f"{head}: it falls {fall} and is still at its best at the end ({c['end']:.5g})"
+
+
+def describe_all(lrs, curves) -> list[str]:
+    """describe_curve for every candidate, with what the neighbours tell about a flat one: when a lower LR
+    learns, a flat curve means overshooting (too high); when only higher LRs learn, it is too low."""
+    learns = [(lr, c["verdict"] != "no_learning") for lr, c in zip(lrs, curves)]
+    out = []
+    for lr, c in zip(lrs, curves):
+        text = describe_curve(lr, c)
+        if c["verdict"] == "no_learning" and not c["rises"]:
+            base = text.split("; too low to move")[0]
+            if any(ok and other < lr for other, ok in learns):
+                text = base + "; lower LRs learn, so this one is too high (it overshoots)"
+            elif any(ok and other > lr for other, ok in learns):
+                text = base + "; higher LRs learn, so this one is too low for this many updates"
+        out.append(text)
+    return out
 
 
 def recommend(lrs, curves) -> tuple[float | None, list[str]]:
@@ -536,6 +553,8 @@ def sweep(cfg: TrainConfig, out_dir, *, candidates=None, epochs: float = 8, val_
     from embedtrain.trainer import Trainer
 
     candidates = sorted(float(c) for c in (candidates or default_candidates(cfg.lr)))
+    if not all(math.isfinite(c) and c > 0 for c in candidates) or len(set(candidates)) != len(candidates):
+        raise ConfigError(f"candidates must be different LRs, each a finite number > 0, got {candidates}")
     if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
         raise ConfigError(f"epochs must be a number > 0 (the length of each candidate run), got {epochs!r}")
     out_dir = Path(out_dir)
@@ -574,15 +593,20 @@ def sweep(cfg: TrainConfig, out_dir, *, candidates=None, epochs: float = 8, val_
         c = classify_curve([p[0] for p in pts], [p[1] for p in pts])
         c["sentence"] = describe_curve(lr, c)
         if result.status == "stopped":
-            c["sentence"] += f" (stopped at update {result.updates} of {updates})"
+            c["note"] = f" (stopped at update {result.updates} of {updates})"
         if result.status == "failed":
-            c.update(verdict="no_learning", rises=True, sentence=f"LR {lr:.3g}: does not learn: {result.message}")
-        log("  " + c["sentence"])
+            c.update(verdict="no_learning", rises=True, failed=True,
+                     sentence=f"LR {lr:.3g}: does not learn: {result.message}")
+        log("  " + c["sentence"] + c.get("note", ""))
         runs.append({"lr": lr, "run_dir": str(run_dir), "points": pts, "rows": rows, "status": result.status})
         curves.append(c)
     if not curves:
         raise EmbedtrainError("sweep stopped before its first candidate finished")
-    rec, reasons = recommend([r["lr"] for r in runs], curves)
+    lrs = [r["lr"] for r in runs]
+    rec, reasons = recommend(lrs, curves)
+    for c, text in zip(curves, describe_all(lrs, curves)):  # the wording can depend on the neighbours
+        if not c.get("failed"):
+            c["sentence"] = text + c.get("note", "")
     warnings = _merged_warnings(trainer)
     report = {
         "recommended_lr": rec, "reasons": reasons, "warnings": warnings,

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from embedtrain.lr_finder import (VERDICTS, classify_curve, default_candidates, describe_curve, parse_candidates,
-                                  ramp_lr, recommend, small_validation_warning, smooth, suggest_range)
+from embedtrain.lr_finder import (VERDICTS, classify_curve, default_candidates, describe_all, describe_curve,
+                                  parse_candidates, ramp_lr, recommend, small_validation_warning, smooth, suggest_range)
 
 LRS = [0.025 * i for i in range(41)]  # a linear ramp 0 -> 1, 41 measurements
 
@@ -202,6 +202,15 @@ def test_users_sweep_recommends_2e_6():
     assert lr == 2e-6 and "add higher candidates" in reasons[1]
 
 
+def test_a_flat_curve_is_called_too_high_or_too_low_by_its_neighbours():
+    flat = classify_curve(U, [0.4] * len(U))
+    learns = classify_curve(U, [falls(u) for u in U])
+    assert "lower LRs learn, so this one is too high" in describe_all([1e-3, 1e-2], [learns, flat])[1]
+    assert "higher LRs learn, so this one is too low" in describe_all([1e-5, 1e-3], [flat, learns])[0]
+    alone = describe_all([1e-5], [flat])[0]
+    assert alone == describe_curve(1e-5, flat) and "or so high that it overshoots" in alone
+
+
 def test_small_validation_warning():
     assert "one batch" in small_validation_warning(4, 4)        # the users' case
     assert "3 images" in small_validation_warning(3, 1)
@@ -265,8 +274,8 @@ def test_range_test_and_sweep_on_one_loaded_model(tiny_cfg, tmp_path, monkeypatc
     # 2 validation images: the verdict carries the warning
     assert any("small validation set (2 images, one batch)" in w for w in saved["warnings"])
 
-    # sweep: 3 candidates x 2 epochs on the same loaded model
-    sw = sweep(cfg, tmp_path / "sweep", candidates=[3e-2, 1e-1, 3e-1], epochs=2, trainer=trainer, log=_quiet)
+    # sweep: 3 candidates x 1 epoch (3 updates) on the same loaded model
+    sw = sweep(cfg, tmp_path / "sweep", candidates=[3e-2, 1e-1, 3e-1], epochs=1, trainer=trainer, log=_quiet)
     assert len(loads) == 1  # the model was loaded once for the range test and all three candidates
     for name in ("sweep.csv", "sweep.json", "sweep.png"):
         assert (tmp_path / "sweep" / name).is_file(), name
@@ -311,3 +320,47 @@ def test_cli_takes_the_train_flags_and_refuses_bad_ones(images, tmp_path):
     r = subprocess.run(base + ["sweep", *common, "--candidates", "1e-3,abc"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "'abc' is not a number" in r.stderr
+
+
+@pytest.mark.slow
+def test_lr_free_optimizers_log_their_effective_lr_and_validate_in_eval_mode(tiny_cfg, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from embedtrain import optimizers
+    from embedtrain.trainer import Trainer
+
+    made = []
+    real_make = optimizers.make_optimizer
+    monkeypatch.setattr(optimizers, "make_optimizer", lambda *a, **k: made.append(real_make(*a, **k)) or made[-1])
+
+    def run(optimizer, lr):
+        t = Trainer(tiny_cfg.replace(optimizer=optimizer, lr=lr, steps=3, val_split=0.25), log=_quiet)
+        result = t.run(tmp_path / optimizer)
+        with open(tmp_path / optimizer / "log.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        return t, result, rows
+
+    for name in ("dadapt_adam", "prodigy"):
+        _, _, rows = run(name, 1.0)
+        eff = [float(r["effective_lr"]) for r in rows]
+        # d starts at d0 = 1e-6: the step really taken is d x lr, far below the lr of 1.0 that is set
+        assert all(float(r["lr"]) == 1.0 for r in rows) and all(0 < e < 1e-3 for e in eff), (name, eff)
+    _, _, rows = run("adamw", 5e-3)
+    assert all(float(r["effective_lr"]) == float(r["lr"]) == 5e-3 for r in rows)
+
+    # Schedule-Free keeps the point it evaluates (x) apart from the one it trains at (y): the final
+    # validation loss and the saved file must both come from x, the eval-mode vectors the run ends with.
+    t, result, rows = run("schedulefree_adamw", 5e-2)
+    saved = load_file(str(tmp_path / "schedulefree_adamw" / f"{tiny_cfg.name}.safetensors"))["emb_params"]
+    opt = made[-1]
+    assert type(opt).__module__.startswith("schedulefree") and opt.param_groups[0]["train_mode"] is False
+    assert torch_equal(saved, t.token.vectors)
+    assert result.val_loss == pytest.approx(t.fixed_loss("val"), rel=1e-6)
+    x = t.token.vectors.detach().clone()
+    opt.train()  # the training point y really is elsewhere, so saving it by mistake would show
+    assert not torch_equal(x, t.token.vectors)
+
+
+def torch_equal(a, b):
+    import torch
+    return torch.equal(a.detach().cpu(), b.detach().cpu())

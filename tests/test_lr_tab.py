@@ -55,7 +55,9 @@ def test_progress_frame_reads_the_runs_as_they_are_written(tmp_path):
                                        {"update": 2, "lr": 0.001, "loss": 1, "val_loss": 0.74}])
     frame = progress_frame("sweep", tmp_path / "s")
     assert frame.values.tolist() == [[1, 0.75, "LR 0.001"], [2, 0.74, "LR 0.001"], [1, 0.7, "LR 0.003"]]
-    assert progress_frame("sweep", tmp_path / "missing").empty
+    empty = progress_frame("sweep", tmp_path / "missing")
+    # typed even when empty, or the plot reads the numbers as categories
+    assert empty.empty and empty.dtypes["update"] == float and empty.dtypes["value"] == float
 
 
 def test_verdicts_and_settings_for_the_train_tab():
@@ -91,7 +93,8 @@ def test_lr_tab_in_chromium(tmp_path):
     with app_server(outputs, "--model", "tiny", "--data", str(data)) as url, chromium_page() as page:
         page.goto(url)
         train = page.locator("#tab-train")
-        field = lambda label: train.locator("label", has_text=label).first.locator("input")  # noqa: E731
+        field = lambda label: train.locator("label", has_text=label).first.locator("input, textarea").first  # noqa: E731
+        field("Embedding name").fill("zorblat")
         field("Initialization text").fill("circle")
         field("Batch size").fill("2")
         page.get_by_role("tab", name="LR finder").click()

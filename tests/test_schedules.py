@@ -332,3 +332,36 @@ def test_every_name_builds_and_describes():
 def test_import_does_not_pull_torch():
     code = "import sys, embedtrain.schedules; sys.exit(any(m in sys.modules for m in ('torch', 'numpy', 'gradio')))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_users_cyclical_run_from_their_own_numbers():
+    # SCIENCE.md 2: 16 training images, BS 4 -> 4 updates per epoch; 200 epochs = 800 updates; step size
+    # 10 x epoch = 40 updates -> 10 cycles, each top at 1.13e-6 and each bottom at 0.
+    from embedtrain.calculator import derive
+    plan = derive(16, 4, 1, 800, "update")
+    assert plan.updates_per_epoch == 4 and plan.epochs == 200
+    s = build_schedule("triangular", TOP, plan.weight_updates, step_size_epochs=10,
+                       updates_per_epoch=plan.updates_per_epoch)
+    lrs = s.unroll()
+    assert len(maxima(lrs)) == 10 and max(lrs) == TOP and min(lrs) == 0.0
+    assert "step size 40 updates, 10 cycles" in describe(s)
+
+
+@pytest.mark.slow
+def test_trainer_follows_a_cycle_update_by_update_and_leaves_adamw_betas_alone(tiny_cfg, tmp_path, monkeypatch):
+    import csv
+
+    from embedtrain import optimizers
+    from embedtrain.trainer import Trainer
+
+    made = []
+    real_make = optimizers.make_optimizer
+    monkeypatch.setattr(optimizers, "make_optimizer", lambda *a, **k: made.append(real_make(*a, **k)) or made[-1])
+    # 8 images, BS 2 -> 4 updates per epoch; half a cycle = 0.5 x epoch = 2 updates; 8 updates = 2 cycles
+    cfg = tiny_cfg.replace(steps=8, lr=1e-2, lr_min=1e-3, lr_schedule="triangular2", lr_step_size_epochs=0.5)
+    Trainer(cfg).run(tmp_path / "run")
+    with open(tmp_path / "run" / "log.csv", newline="") as fh:
+        logged = [float(r["lr"]) for r in csv.DictReader(fh)]
+    close(logged, [1e-3, 5.5e-3, 1e-2, 5.5e-3, 1e-3, 3.25e-3, 5.5e-3, 3.25e-3])
+    group = made[-1].param_groups[0]
+    assert group["betas"] == (0.9, 0.999) and group["weight_decay"] == 0.0

@@ -105,7 +105,7 @@ def progress_frame(kind: str, run_dir: Path) -> pd.DataFrame:
             v = _val(r)
             if v is not None:
                 rows.append((float(r["lr"]), v, "validation loss"))
-        return pd.DataFrame(rows, columns=["lr", "value", "series"])
+        return _frame(rows, "lr")
     dirs = [d for d in run_dir.glob("lr*-*") if d.is_dir()] if run_dir.is_dir() else []
     for d in sorted(dirs, key=lambda d: int(d.name[2:].split("-")[0]) if d.name[2:].split("-")[0].isdigit() else 0):
         label = "LR " + d.name.split("-", 1)[1]
@@ -113,7 +113,13 @@ def progress_frame(kind: str, run_dir: Path) -> pd.DataFrame:
             v = _val(r)
             if v is not None:
                 rows.append((int(r["update"]), v, label))
-    return pd.DataFrame(rows, columns=["update", "value", "series"])
+    return _frame(rows, "update")
+
+
+def _frame(rows, x: str) -> pd.DataFrame:
+    # Typed columns even when empty: an empty object column makes the plot read the axis as categories
+    # (it then keeps drawing the numbers as labels, without a line).
+    return pd.DataFrame(rows, columns=[x, "value", "series"]).astype({x: float, "value": float, "series": str})
 
 
 def verdict_markdown(kind: str, report: dict) -> str:
