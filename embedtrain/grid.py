@@ -31,7 +31,7 @@ import math
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from embedtrain import EmbedtrainError
@@ -82,6 +82,8 @@ class GridSettings:
     cell_size: int = 0              # grid cell width in pixels (0 = native, small images enlarged to MIN_CELL)
     batch_size: int = 8             # cells rendered together
     device: str = "auto"
+    demo_scores: bool = False       # demo model: under each column, how many cells the demo judge reads as
+                                    # the held-out concept (purple star)
 
     def validate(self) -> "GridSettings":
         if not self.prompts or not all(isinstance(p, str) and p.strip() for p in self.prompts):
@@ -474,6 +476,9 @@ def render_grid(pipe, info, embeddings, settings: GridSettings, out=None, progre
         sampler = sampler_label(pipe, s.sampler)
         pipe.scheduler = original
 
+    if s.demo_scores:
+        columns = [replace(col, details=[*col.details, line])
+                   for col, line in zip(columns, demo_score_lines(images, len(columns)))]
     fields = dict(Steps=s.sample_steps, Sampler=sampler, **{"CFG scale": _num(s.cfg_scale)},
                   Seed=s.seeds[0], Size=f"{width}x{height}", **{"Model hash": info.hash}, Model=info.name)
     grid_fields = axes_fields(fields, [c.name for c in columns], rows, s.swap_axes)
@@ -496,6 +501,19 @@ def render_batches(n_rows: int, n_cols: int, batch_size: int) -> list[list[int]]
     """
     return [[r * n_cols + c for r in range(start, min(start + batch_size, n_rows))]
             for c in range(n_cols) for start in range(0, n_rows, batch_size)]
+
+
+def demo_score_lines(images, n_cols: int) -> list[str]:
+    """Per column, how many of its cells the demo world's judge reads as the held-out concept."""
+    from embedtrain.demo.score import judge
+    from embedtrain.demo.world import HELD_OUT
+    colour, shape = HELD_OUT
+    hits = [0] * n_cols
+    for i, im in enumerate(images):
+        j = judge(im)
+        hits[i % n_cols] += j.shape == shape and j.colour == colour
+    n = len(images) // n_cols
+    return [f"judge: {colour} {shape} in {h}/{n}" for h in hits]
 
 
 def axes_fields(fields: dict, col_titles: list[str], rows, swap: bool) -> dict:
@@ -703,6 +721,8 @@ def _grid_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--margin", type=int, default=0, help="pixels between cells")
     g.add_argument("--cell-size", type=int, default=0, help="cell width in the grid (default: native, small "
                                                             f"images enlarged to {MIN_CELL})")
+    g.add_argument("--demo-scores", action="store_true", help="demo model: under each column, how many cells the "
+                   "demo judge reads as the held-out purple star")
     g.add_argument("--render-batch", type=int, default=8, help="cells rendered together (default 8)")
     g.add_argument("--progress", choices=["text", "json"], default="text",
                    help="json: one JSON line per progress report on stdout (for the web UI)")
@@ -713,7 +733,8 @@ def _settings_from(args, baseline) -> GridSettings:
                         cfg_scale=args.cfg_scale, sampler=args.sampler, width=args.width, height=args.height,
                         negative_prompt=args.negative_prompt, baseline=baseline, swap_axes=args.swap_axes,
                         legend=not args.no_legend, margin=args.margin, cell_size=args.cell_size,
-                        batch_size=args.render_batch, device=getattr(args, "device", "auto")).validate()
+                        batch_size=args.render_batch, device=getattr(args, "device", "auto"),
+                        demo_scores=args.demo_scores).validate()
 
 
 def _reporter(mode: str):

@@ -82,6 +82,20 @@ def test_compose_sizes_and_axes_swap():
     assert labelled.size[0] > 96 and labelled.size[1] > 64   # headers and row labels take room
 
 
+def test_demo_scores_count_the_cells_the_judge_reads_as_a_purple_star():
+    import random
+
+    from embedtrain.demo.world import Spec, complete, render
+    from embedtrain.grid import demo_score_lines
+    rng = random.Random(0)
+    star = [render(complete(Spec("star", "purple", bg), rng), i) for i, bg in enumerate(["green", "white", "blue"])]
+    other = [render(complete(Spec("circle", "red", "blue"), rng), 9), render(complete(Spec("star", "yellow", "blue"),
+                                                                                       rng), 8), star[2]]
+    # two columns, three rows, row-major: column 0 = star images, column 1 = two others then a purple star
+    cells = [im for pair in zip(star, other) for im in pair]
+    assert demo_score_lines(cells, 2) == ["judge: purple star in 3/3", "judge: purple star in 1/3"]
+
+
 # ------------------------------------------------------------------ rendering on the tiny model
 @pytest.mark.slow
 def test_grid_is_seed_locked_labelled_and_written(tiny, files, tmp_path):

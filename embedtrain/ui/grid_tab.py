@@ -31,7 +31,8 @@ SEND = ("model", "data", "name", "init_text", "vectors", "batch_size", "grad_acc
         "lr_schedule", "lr_min", "lr_step_size", "lr_step_size_epochs", "lr_cycles", "lr_cycle_start",
         "optimizer", "seed", "resolution", "val_split")
 GRID_FIELDS = ["model", "picked", "extra", "prompts", "seeds", "sample_steps", "cfg_scale", "sampler", "width",
-               "height", "negative_prompt", "baseline", "baseline_text", "swap_axes", "legend", "margin"]
+               "height", "negative_prompt", "baseline", "baseline_text", "swap_axes", "legend", "margin",
+               "demo_scores"]
 STUDY_FIELDS = ["data", "name", "init_text", "low", "high", "low_steps", "high_steps", "step_unit", "lr",
                 "val_split", "seed"]
 
@@ -94,6 +95,8 @@ def _grid_flags(v: dict, baseline_flag: bool = True) -> list[str]:
         argv.append("--swap-axes")
     if v.get("legend") is False:
         argv.append("--no-legend")
+    if v.get("demo_scores"):
+        argv.append("--demo-scores")
     baseline = v.get("baseline") or "none"
     if baseline not in BASELINES:
         raise GridError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
@@ -239,6 +242,8 @@ def build(ctx) -> None:
             with gr.Row():
                 swap = gr.Checkbox(False, label="Swap axes (embeddings as rows)", elem_id="grid-swap")
                 legend = gr.Checkbox(True, label="Legend", elem_id="grid-legend")
+                demo_scores = gr.Checkbox(ctx.model == "demo", label="Demo scores (demo model: cells the judge "
+                                          "reads as a purple star)", elem_id="grid-demo-scores")
             with gr.Row():
                 render_btn = gr.Button("Render grid", variant="primary", elem_id="grid-render")
                 stop_btn = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="grid-stop")
@@ -272,7 +277,7 @@ def build(ctx) -> None:
             table = gr.Dataframe(label="Study: runs", interactive=False, visible=False, elem_id="grid-table")
 
     grid_inputs = [model, picked, extra, prompts, seeds, sample_steps, cfg_scale, sampler, width, height, negative,
-                   baseline, baseline_text, swap, legend, margin]
+                   baseline, baseline_text, swap, legend, margin, demo_scores]
     study_inputs = [s_data, s_name, s_init, s_low, s_high, s_low_steps, s_high_steps, s_unit, s_lr, s_val, s_seed]
 
     def do_refresh(current):
