@@ -461,8 +461,11 @@ def _load_any(path: Path, stem: str) -> LoadedEmbedding:
 
 def save_embedding(path, vectors: torch.Tensor, name: str, meta: dict | None = None,
                    fmt: str = "safetensors") -> Path:
-    """Write one embedding atomically in `fmt` (safetensors | a1111 | diffusers)."""
-    from safetensors.torch import save_file
+    """Write one embedding atomically in `fmt` (safetensors | a1111 | diffusers).
+
+    A failed write (disk full, read-only folder) raises EmbeddingError naming the file; the file that
+    was there before, if any, is left as it was."""
+    from safetensors import SafetensorError
 
     path = Path(path)
     t = vectors.detach().float().cpu().contiguous().clone()
@@ -470,6 +473,25 @@ def save_embedding(path, vectors: torch.Tensor, name: str, meta: dict | None = N
         raise EmbeddingError(f"refusing to write {path}: the vectors hold NaN or infinite values")
     meta = {str(k): str(v) for k, v in (meta or {}).items()}
     meta.setdefault("name", name)
+    if fmt not in FORMAT_SUFFIX:
+        raise EmbeddingError(f"save format must be safetensors, a1111 or diffusers, got {fmt!r}")
+    try:
+        _write(path, t, name, meta, fmt)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise EmbeddingError(f"could not write {path}: {_io_reason(e)}; an earlier file of that name, if any, "
+                             "is unchanged") from None
+    return path
+
+
+def _io_reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+def _write(path: Path, t: torch.Tensor, name: str, meta: dict, fmt: str) -> None:
+    from safetensors.torch import save_file
+
     with atomic_path(path) as tmp:
         if fmt == "safetensors":
             save_file({"emb_params": t}, str(tmp), metadata=meta)
@@ -484,9 +506,6 @@ def save_embedding(path, vectors: torch.Tensor, name: str, meta: dict | None = N
                 "sd_checkpoint": meta.get("base_model_hash"),
                 "sd_checkpoint_name": meta.get("base_model"),
             }, tmp)
-        else:
-            raise EmbeddingError(f"save format must be safetensors, a1111 or diffusers, got {fmt!r}")
-    return path
 
 
 FORMAT_SUFFIX = {"safetensors": ".safetensors", "a1111": ".pt", "diffusers": ".learned_embeds.safetensors"}

@@ -301,6 +301,7 @@ class Trainer:
 
         events = _EventSink(run_dir, on_event, enabled=main, resume=resume)
         vectors = self.token.vectors
+        vectors.grad = None  # an earlier run on this Trainer (a sweep candidate) may have ended mid-update
         optimizer = optimizers.make_optimizer(cfg.optimizer, [vectors], cfg)
         update, batch = 0, 0
         if resume:
@@ -342,11 +343,17 @@ class Trainer:
                 loss_sum /= self.world
             loss_value = float(loss_sum)  # the one host sync per update: logging and the NaN check need it
             if not math.isfinite(loss_value) or not torch.isfinite(vectors.grad).all():
-                with torch.no_grad():
-                    vectors.copy_(good)
-                status, message = "failed", (f"loss became {loss_value} at update {update + 1}; stopped and kept "
-                                             f"the last good embedding (from update {update}). Lower the LR or "
+                if math.isfinite(loss_value):  # these vectors gave a finite loss; only their gradient is bad
+                    kept, what = update, "the gradient became NaN or infinite"
+                else:  # these vectors gave a non-finite loss: back to the last ones that did not
+                    with torch.no_grad():
+                        vectors.copy_(good)
+                    kept, what = (update if update == u_start else update - 1), f"loss became {loss_value}"
+                status, message = "failed", (f"{what} at update {update + 1}; stopped and kept "
+                                             f"the last good embedding (from update {kept}). Lower the LR or "
                                              "enable gradient clipping.")
+                batch -= (update + 1 - kept) * cfg.grad_accum  # so the saved metadata matches the kept vectors
+                update = kept
                 break
             good.copy_(vectors.detach())
             # 4. clip, step, clear
@@ -356,6 +363,14 @@ class Trainer:
                 torch.nn.utils.clip_grad_value_([vectors], cfg.clip_grad_value)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(vectors).all():  # a step can overflow even from a finite gradient
+                with torch.no_grad():
+                    vectors.copy_(good)
+                status, message = "failed", (f"weight update {update + 1} made the vectors NaN or infinite; stopped "
+                                             f"and kept the last good embedding (from update {update}). Lower the "
+                                             "LR or enable gradient clipping.")
+                batch -= cfg.grad_accum  # so the saved metadata matches the kept vectors
+                break
             update += 1
             # 5. bookkeeping: validation, log row, event, snapshots, previews
             val_loss = val_train = None
@@ -437,7 +452,12 @@ class Trainer:
         path = run_dir / "resume.pt"
         if not path.is_file():
             raise ConfigError(f"resume: {run_dir} has no resume.pt (the run finished, or never saved a state)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state["vectors"], state["optimizer"], int(state["update"]), int(state["batch"])
+        except Exception as e:  # noqa: BLE001  (weights_only: nothing but tensors was unpickled)
+            raise ConfigError(f"resume: {path} is damaged or not an embedtrain resume state "
+                              f"({type(e).__name__}); resume from an earlier copy or start a new run") from None
         with torch.no_grad():
             self.token.vectors.copy_(state["vectors"].to(self.device))
         optimizer.load_state_dict(state["optimizer"])
@@ -549,6 +569,21 @@ def train(cfg: TrainConfig, run_dir=None, on_event=None, resume: bool = False, s
     return trainer.run(run_dir or new_run_dir(cfg), on_event=on_event, resume=resume, stop=stop)
 
 
+def _check_writable(folder: Path) -> None:
+    """Fail before the model loads, not after the training, when the run folder cannot be written."""
+    import tempfile
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if created:
+            folder.rmdir()
+    except OSError as e:
+        raise ConfigError(f"out: cannot write the run folder {folder} ({e.strerror or e}); choose a writable "
+                          "outputs folder") from None
+
+
 def cli(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m embedtrain train",
                                      description="Train a textual-inversion embedding.")
@@ -576,12 +611,21 @@ def cli(argv) -> int:
         signal.signal(signal.SIGTERM, on_sigint)
         stop_file = run_dir / "STOP"
         if int(os.environ.get("RANK", "0")) == 0:
+            _check_writable(run_dir)
             stop_file.unlink(missing_ok=True)
         result = train(cfg, run_dir, resume=bool(args.resume),
                        stop=lambda: stop_requested["n"] > 0 or stop_file.exists())
     except EmbedtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, read-only or vanished folder while writing logs, previews, resume state
+        print(f"error: cannot write {e.filename or run_dir}: {e.strerror or e}. Files written before are intact "
+              "(every write is atomic).", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aborted (stop asked twice): the embedding files and resume state written before are intact",
+              file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the main process reports
         return 1 if result.status == "failed" else 0
     if result.status == "failed":
