@@ -384,8 +384,29 @@ def _merged_warnings(trainer) -> list[str]:
     return [w for w in trainer.warnings if not (own and "validation images" in w)] + own
 
 
+def ramp_settings(lr, ramp="linear", start_lr=None, end_lr=None, updates=60, val_every=None):
+    """Check a range test's settings and fill the defaults: (ramp, start_lr, end_lr, updates, val_every).
+    end_lr defaults to 10 x lr; start_lr to 0 (linear) or end_lr / 1000 (exponential); val_every to K / 20."""
+    if ramp not in RAMPS:
+        raise ConfigError(f"ramp must be one of {', '.join(RAMPS)}, got {ramp!r}")
+    if not (isinstance(updates, int) and updates >= 5):
+        raise ConfigError(f"updates must be a whole number >= 5 (the ramp's length in weight updates), got {updates!r}")
+    end_lr = 10 * lr if end_lr is None else float(end_lr)
+    start_lr = (0.0 if ramp == "linear" else end_lr / 1000) if start_lr is None else float(start_lr)
+    if not (math.isfinite(end_lr) and end_lr > 0):
+        raise ConfigError(f"end_lr must be a number > 0, got {end_lr!r}")
+    if not (math.isfinite(start_lr) and 0 <= start_lr < end_lr) or (ramp == "exponential" and start_lr <= 0):
+        raise ConfigError(f"start_lr must be >= 0 (> 0 for an exponential ramp) and below end_lr {end_lr:g}, "
+                          f"got {start_lr!r}")
+    val_every = val_every or max(1, updates // 20)
+    if not (isinstance(val_every, int) and 1 <= val_every <= updates // 5):
+        raise ConfigError(f"val_every must be between 1 and {updates // 5} (at least 5 measurements over the "
+                          f"{updates} updates), got {val_every!r}")
+    return ramp, start_lr, end_lr, updates, val_every
+
+
 def range_test(cfg: TrainConfig, out_dir, *, ramp: str = "linear", start_lr: float | None = None,
-               end_lr: float | None = None, updates: int = 80, val_every: int | None = None, trainer=None,
+               end_lr: float | None = None, updates: int = 60, val_every: int | None = None, trainer=None,
                log=print, stop=None) -> dict:
     """Run the range test into `out_dir` and write lr_find.csv / .json / .png. Returns the JSON dict.
 
@@ -397,21 +418,7 @@ def range_test(cfg: TrainConfig, out_dir, *, ramp: str = "linear", start_lr: flo
     from embedtrain.schedules import Schedule
     from embedtrain.trainer import Trainer
 
-    if ramp not in RAMPS:
-        raise ConfigError(f"ramp must be one of {', '.join(RAMPS)}, got {ramp!r}")
-    if not (isinstance(updates, int) and updates >= 5):
-        raise ConfigError(f"updates must be a whole number >= 5 (the ramp's length in weight updates), got {updates!r}")
-    end_lr = 10 * cfg.lr if end_lr is None else float(end_lr)
-    start_lr = (0.0 if ramp == "linear" else end_lr / 1000) if start_lr is None else float(start_lr)
-    if not (math.isfinite(end_lr) and end_lr > 0):
-        raise ConfigError(f"end_lr must be a number > 0, got {end_lr!r}")
-    if not (math.isfinite(start_lr) and 0 <= start_lr < end_lr) or (ramp == "exponential" and start_lr <= 0):
-        raise ConfigError(f"start_lr must be >= 0 (> 0 for an exponential ramp) and below end_lr {end_lr:g}, "
-                          f"got {start_lr!r}")
-    val_every = val_every or max(1, updates // 20)
-    if not (isinstance(val_every, int) and 1 <= val_every <= updates // 5):
-        raise ConfigError(f"val_every must be between 1 and {updates // 5} (at least 5 measurements over the "
-                          f"{updates} updates), got {val_every!r}")
+    ramp, start_lr, end_lr, updates, val_every = ramp_settings(cfg.lr, ramp, start_lr, end_lr, updates, val_every)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -541,7 +548,7 @@ def _plot_range(path: Path, rows, train_s, meas, sug, report) -> None:
     plt.close(fig)
 
 
-def sweep(cfg: TrainConfig, out_dir, *, candidates=None, epochs: float = 8, val_every: int | None = None,
+def sweep(cfg: TrainConfig, out_dir, *, candidates=None, epochs: float = 6, val_every: int | None = None,
           trainer=None, log=print, stop=None) -> dict:
     """Run one constant-LR run of `epochs` epochs per candidate LR, each from the same fresh embedding
     (same seed, same data order, one model and one latent cache), and write sweep.csv / .json / .png.
@@ -688,12 +695,13 @@ def parser(command: str) -> argparse.ArgumentParser:
                        help="how the LR rises (default: linear, as the users did)")
         g.add_argument("--start-lr", type=float, help="first LR (default: 0 linear, end-lr/1000 exponential)")
         g.add_argument("--end-lr", type=float, help="last LR (default: 10 x --lr)")
-        g.add_argument("--updates", type=int, default=80, help="ramp length in weight updates (default: 80)")
+        g.add_argument("--updates", type=int, default=60, help="ramp length in weight updates (default: 60)")
     else:
         g = p.add_argument_group("sweep")
         g.add_argument("--candidates", help="LRs to try, e.g. '5e-4,1.6e-3,5e-3' (default: 4 log-spaced, lr/10 "
                                             "to 3.2 x lr)")
-        g.add_argument("--epochs", type=float, default=8, help="length of each run in epochs (default: 8)")
+        g.add_argument("--epochs", type=float, default=6, help="length of each run in epochs (default: 6; the users "
+                                                              "ran 20 on a GPU)")
     add_arguments(p)
     return p
 
@@ -715,9 +723,8 @@ def prepare(command: str, argv) -> tuple[TrainConfig, argparse.Namespace, list[s
         args.candidates = parse_candidates(args.candidates) if args.candidates else default_candidates(cfg.lr)
         if not (math.isfinite(args.epochs) and args.epochs > 0):
             raise ConfigError(f"epochs must be a number > 0, got {args.epochs!r}")
-    elif args.updates < 5:
-        raise ConfigError(f"updates must be a whole number >= 5 (the ramp's length in weight updates), got "
-                          f"{args.updates!r}")
+    else:
+        ramp_settings(cfg.lr, args.ramp, args.start_lr, args.end_lr, args.updates, getattr(args, "val_every", None))
     kind = "lrfind" if command == "lr-find" else "sweep"
     from embedtrain.embedding import check_name
     name = cfg.run_name or f"{cfg.name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -736,11 +743,15 @@ def _stop_control(out_dir: Path):
             raise KeyboardInterrupt
         print("\nstop requested: finishing the current update and reading what ran", file=sys.stderr)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     stop_file = out_dir / "STOP"
     stop_file.unlink(missing_ok=True)
-    return lambda: asked["n"] > 0 or stop_file.exists()
+
+    def restore():
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    return (lambda: asked["n"] > 0 or stop_file.exists()), restore
 
 
 def _run(command: str, argv) -> int:
@@ -749,14 +760,17 @@ def _run(command: str, argv) -> int:
         for n in notes:
             print(f"note: {n}")
         out_dir.mkdir(parents=True, exist_ok=True)
-        stop = _stop_control(out_dir)
+        stop, restore = _stop_control(out_dir)
         val_every = getattr(args, "val_every", None) or None
-        if command == "lr-find":
-            report = range_test(cfg, out_dir, ramp=args.ramp, start_lr=args.start_lr, end_lr=args.end_lr,
-                                updates=args.updates, val_every=val_every, stop=stop)
-        else:
-            report = sweep(cfg, out_dir, candidates=args.candidates, epochs=args.epochs, val_every=val_every,
-                           stop=stop)
+        try:
+            if command == "lr-find":
+                report = range_test(cfg, out_dir, ramp=args.ramp, start_lr=args.start_lr, end_lr=args.end_lr,
+                                    updates=args.updates, val_every=val_every, stop=stop)
+            else:
+                report = sweep(cfg, out_dir, candidates=args.candidates, epochs=args.epochs, val_every=val_every,
+                               stop=stop)
+        finally:
+            restore()
     except EmbedtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

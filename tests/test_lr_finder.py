@@ -301,9 +301,16 @@ def test_range_test_and_sweep_on_one_loaded_model(tiny_cfg, tmp_path, monkeypatc
         run_cfg = json.loads((tmp_path / "sweep" / c["run_dir"].split("/")[-1] / "config.json").read_text())
         assert run_cfg["lr"] == c["lr"] and run_cfg["lr_schedule"] == "constant"
 
+    # a stop request (the UI's Stop button, Ctrl-C) ends the ramp early; the part that ran is still read
+    calls = []
+    rep = range_test(cfg, tmp_path / "stopped", updates=6, val_every=1, end_lr=0.2, trainer=trainer, log=_quiet,
+                     stop=lambda: calls.append(1) or len(calls) >= 3)
+    assert rep["updates_run"] == 3 and any("stopped at update 3 of 6" in r for r in rep["reasons"])
+    assert not (tmp_path / "stopped" / "range" / "resume.pt").exists()
+
 
 @pytest.mark.slow
-def test_cli_takes_the_train_flags_and_refuses_bad_ones(images, tmp_path):
+def test_cli_takes_the_train_flags_and_refuses_bad_ones(images, tmp_path, capsys):
     base = [sys.executable, "-m", "embedtrain"]
     common = ["--model", "tiny", "--data", str(images), "--name", "zorblat", "--init-text", "circle",
               "--template", "object", "--batch-size", "4", "--out", str(tmp_path), "--val-split", "0.5"]
@@ -315,11 +322,15 @@ def test_cli_takes_the_train_flags_and_refuses_bad_ones(images, tmp_path):
     saved = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert [c["lr"] for c in saved["candidates"]] == [0.05, 0.2] and saved["updates"] == 2  # at least 2 updates per run
     assert saved["validation_images"] == 4 and saved["training_images"] == 4
-    r = subprocess.run(base + ["lr-find", *common, "--updates", "3"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "updates must be a whole number >= 5" in r.stderr
-    r = subprocess.run(base + ["sweep", *common, "--candidates", "1e-3,abc"], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and "'abc' is not a number" in r.stderr
+
+    # bad settings: exit code 2 and a message naming the setting, before anything loads
+    from embedtrain.__main__ import main
+    for argv, says in ((["lr-find", *common, "--updates", "3"], "updates must be a whole number >= 5"),
+                       (["sweep", *common, "--candidates", "1e-3,abc"], "'abc' is not a number"),
+                       (["sweep", *common, "--batch-size", "0"], "batch_size must be >= 1, got 0"),
+                       (["lr-find", *common, "--ramp", "exponential", "--start-lr", "0"], "start_lr must be")):
+        assert main(argv) == 2, argv
+        assert says in capsys.readouterr().err
 
 
 @pytest.mark.slow

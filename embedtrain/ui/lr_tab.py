@@ -67,7 +67,7 @@ def finder_argv(kind: str, values: dict, opts: dict, out: Path, run_name: str) -
     if values.get("val_split"):  # 0 / missing: let the finder hold out its default share
         argv += ["--val-split", str(values["val_split"])]
     if kind == "range":
-        argv += ["--ramp", opts.get("ramp") or "linear", "--updates", str(int(opts.get("updates") or 80))]
+        argv += ["--ramp", opts.get("ramp") or "linear", "--updates", str(int(opts.get("updates") or 60))]
         if _num(opts.get("start_lr")):
             argv += ["--start-lr", _num(opts["start_lr"])]
         if _num(opts.get("end_lr")):
@@ -75,7 +75,7 @@ def finder_argv(kind: str, values: dict, opts: dict, out: Path, run_name: str) -
     else:
         if _num(opts.get("candidates")):
             argv += ["--candidates", _num(opts["candidates"])]
-        argv += ["--epochs", str(opts.get("epochs") or 8)]
+        argv += ["--epochs", str(opts.get("epochs") or 6)]
     return argv + ["--out", str(out), "--run-name", run_name]
 
 
@@ -299,7 +299,7 @@ def build(ctx) -> None:
                 with gr.Row():
                     ramp = gr.Radio(["linear", "exponential"], value="linear", label="Ramp",
                                     info="linear is what the users ran; exponential spans several decades")
-                    updates = gr.Number(80, label="Length (weight updates)", precision=0, minimum=5,
+                    updates = gr.Number(60, label="Length (weight updates)", precision=0, minimum=5,
                                         elem_id="lr-updates")
                 with gr.Row():
                     start_lr = gr.Textbox("", label="Start LR", placeholder="0 (linear) / end / 1000 (exponential)",
@@ -312,7 +312,7 @@ def build(ctx) -> None:
                     candidates = gr.Textbox(", ".join(f"{c:g}" for c in default_candidates(cfg.lr)),
                                             label="Candidate LRs", info="log-spaced around the LR; edit freely",
                                             elem_id="lr-candidates")
-                    epochs = gr.Number(8, label="Epochs per candidate", minimum=0.1, elem_id="lr-epochs")
+                    epochs = gr.Number(6, label="Epochs per candidate", minimum=0.1, elem_id="lr-epochs")
                 sweep_btn = gr.Button("Run sweep", variant="primary", elem_id="lr-run-sweep")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="lr-stop")
             message = gr.Markdown("", elem_id="lr-message")
