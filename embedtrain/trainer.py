@@ -563,6 +563,15 @@ def new_run_dir(cfg: TrainConfig) -> Path:
     return Path(cfg.out) / name
 
 
+def _same_on_every_rank(run_dir: Path, device: str) -> Path:
+    """Rank 0's timestamped run folder, for every process of a torchrun / accelerate launch run."""
+    import torch.distributed as dist
+    _dist_state(device)
+    box = [str(run_dir)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
 def train(cfg: TrainConfig, run_dir=None, on_event=None, resume: bool = False, stop=None, log=print) -> RunResult:
     """Train one embedding from a config; the programmatic twin of `python -m embedtrain train`."""
     trainer = Trainer(cfg, log=log)
@@ -607,6 +616,8 @@ def cli(argv) -> int:
         else:
             cfg = config_from_args(args, args.config)
             run_dir = new_run_dir(cfg.validate())
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.run_name:
+                run_dir = _same_on_every_rank(run_dir, cfg.device)  # ranks may start in different seconds
         signal.signal(signal.SIGINT, on_sigint)
         signal.signal(signal.SIGTERM, on_sigint)
         stop_file = run_dir / "STOP"

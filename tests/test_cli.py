@@ -62,8 +62,10 @@ def test_torchrun_two_processes_match_one_process_of_twice_the_batch(images, tmp
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     common = [*ARGS, "--data", str(images), "--steps", "5", "--out", str(tmp_path)]
     two = run([torchrun, "--nproc_per_node", "2", "--standalone", "-m", "embedtrain", "train", *common,
-               "--batch-size", "2", "--run-name", "two"])
+               "--batch-size", "2", "--out", str(tmp_path / "auto")])  # default run name: the ranks must agree
     assert two.returncode == 0, two.stderr[-3000:]
+    (run_two,) = list((tmp_path / "auto").iterdir())
+    run_two.rename(tmp_path / "two")
     one = run([sys.executable, "-m", "embedtrain", "train", *common, "--batch-size", "4", "--run-name", "one"])
     assert one.returncode == 0, one.stderr[-3000:]
     events = [json.loads(line) for line in open(tmp_path / "two" / "events.jsonl")]
