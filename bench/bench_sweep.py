@@ -60,6 +60,10 @@ def main(argv=None) -> int:
     print(f"model {args.model}: {n_train} training + {n_val} validation images, BS {cfg.batch_size}; "
           f"{args.k} candidates {candidates} x {updates} updates, validation every {val_every}")
 
+    # untimed warm-up: the first model load in a process also pays the diffusers/transformers imports
+    from embedtrain.models import load_pipeline
+    load_pipeline(cfg.model)
+
     sweep_t, separate_t = [], []
     for r in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:

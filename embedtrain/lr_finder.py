@@ -548,7 +548,7 @@ def _plot_range(path: Path, rows, train_s, meas, sug, report) -> None:
     plt.close(fig)
 
 
-def sweep(cfg: TrainConfig, out_dir, *, candidates=None, epochs: float = 6, val_every: int | None = None,
+def sweep(cfg: TrainConfig, out_dir, *, candidates=None, epochs: float = 8, val_every: int | None = None,
           trainer=None, log=print, stop=None) -> dict:
     """Run one constant-LR run of `epochs` epochs per candidate LR, each from the same fresh embedding
     (same seed, same data order, one model and one latent cache), and write sweep.csv / .json / .png.
@@ -700,7 +700,7 @@ def parser(command: str) -> argparse.ArgumentParser:
         g = p.add_argument_group("sweep")
         g.add_argument("--candidates", help="LRs to try, e.g. '5e-4,1.6e-3,5e-3' (default: 4 log-spaced, lr/10 "
                                             "to 3.2 x lr)")
-        g.add_argument("--epochs", type=float, default=6, help="length of each run in epochs (default: 6; the users "
+        g.add_argument("--epochs", type=float, default=8, help="length of each run in epochs (default: 8; the users "
                                                               "ran 20 on a GPU)")
     add_arguments(p)
     return p

@@ -75,7 +75,7 @@ def finder_argv(kind: str, values: dict, opts: dict, out: Path, run_name: str) -
     else:
         if _num(opts.get("candidates")):
             argv += ["--candidates", _num(opts["candidates"])]
-        argv += ["--epochs", str(opts.get("epochs") or 6)]
+        argv += ["--epochs", str(opts.get("epochs") or 8)]
     return argv + ["--out", str(out), "--run-name", run_name]
 
 
@@ -312,7 +312,7 @@ def build(ctx) -> None:
                     candidates = gr.Textbox(", ".join(f"{c:g}" for c in default_candidates(cfg.lr)),
                                             label="Candidate LRs", info="log-spaced around the LR; edit freely",
                                             elem_id="lr-candidates")
-                    epochs = gr.Number(6, label="Epochs per candidate", minimum=0.1, elem_id="lr-epochs")
+                    epochs = gr.Number(8, label="Epochs per candidate", minimum=0.1, elem_id="lr-epochs")
                 sweep_btn = gr.Button("Run sweep", variant="primary", elem_id="lr-run-sweep")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="lr-stop")
             message = gr.Markdown("", elem_id="lr-message")
