@@ -174,7 +174,7 @@ def test_browser_train_stop_reload(tmp_path):
         page.screenshot(path=str(shots / "after-reload.png"), full_page=True)
         assert page.locator("#train-button").is_disabled()  # one job at a time
         page.click("#stop-button")
-        page.wait_for_function("(document.querySelector('#progress') || {innerText: ''}).innerText.includes('Stopped')", timeout=60_000)
+        page.wait_for_function("(document.querySelector('#progress') || {innerText: ''}).innerText.includes('Stopped')", timeout=240_000)
         page.screenshot(path=str(shots / "stopped.png"), full_page=True)
     run2 = next(p for p in outputs.iterdir() if p.name.startswith("secondstar-"))
     assert (run2 / "secondstar.safetensors").is_file() and (run2 / "resume.pt").is_file()
