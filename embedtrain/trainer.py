@@ -623,9 +623,12 @@ def cli(argv) -> int:
         stop_file = run_dir / "STOP"
         if int(os.environ.get("RANK", "0")) == 0:
             _check_writable(run_dir)
-            stop_file.unlink(missing_ok=True)
+        # A STOP file is consumed when it stops the run, never deleted at start: the web UI may write it while
+        # this process is still importing, and that stop must not be lost (the JobManager clears stale ones).
         result = train(cfg, run_dir, resume=bool(args.resume),
                        stop=lambda: stop_requested["n"] > 0 or stop_file.exists())
+        if result.status == "stopped" and int(os.environ.get("RANK", "0")) == 0:
+            stop_file.unlink(missing_ok=True)
     except EmbedtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -166,8 +166,8 @@ def test_browser_train_stop_reload(tmp_path):
         page.get_by_label("Max steps").fill("5000")
         page.get_by_label("Max steps").press("Tab")
         page.click("#train-button")
-        page.wait_for_function("/update [1-9]/.test((document.querySelector('#progress') || {innerText: ''}).innerText)",
-                               timeout=120_000)
+        page.wait_for_function("/Training: secondstar[\\s\\S]*update [1-9]/.test((document.querySelector('#progress') "
+                               "|| {innerText: ''}).innerText)", timeout=180_000)
         page.reload()
         page.wait_for_function("(document.querySelector('#progress') || {innerText: ''}).innerText.includes('Training: secondstar')",
                                timeout=30_000)
@@ -202,3 +202,21 @@ def test_one_job_at_a_time(tmp_path, images):
         _kill_job(tmp_path / "outputs")
     st = jobs.status(str(run))
     assert st.state == "stopped" and (run / "longrun.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_stop_pressed_while_the_job_starts_is_not_lost(tmp_path, images):
+    """Stop clicked before the job process has even imported torch: the run still stops (and saves)."""
+    from embedtrain.config import TrainConfig
+    from embedtrain.ui.jobs import JobManager
+    jobs = JobManager(tmp_path / "outputs")
+    run = jobs.start(TrainConfig(model="tiny", data=str(images), name="quickstop", init_text="circle",
+                                 steps=100000, template="object", resolution=32))
+    try:
+        assert "stopping quickstop" in jobs.stop()
+        jobs.wait(180)
+    finally:
+        _kill_job(tmp_path / "outputs")
+    st = jobs.status(str(run))
+    assert st.state == "stopped" and st.update < 100, (st.state, st.update, st.message)
+    assert (run / "quickstop.safetensors").is_file() and not (run / "STOP").exists()

@@ -180,7 +180,9 @@ def status_view(st) -> dict:
             "crashed": "Crashed"}.get(st.state, st.state)
     lines = [f"**{head}: {st.name}**", f"`{_bar(st.update, st.weight_updates)}`  update {st.update} / "
              f"{st.weight_updates or '?'}"]
-    if st.state == "running":
+    if st.state == "running" and not st.weight_updates:
+        lines[-1] = "starting: loading the model and encoding the images (the first update follows)"
+    elif st.state == "running":
         lines[-1] += f" · ETA {_fmt_eta(st.eta_s)}"
     if st.loss is not None:
         lines.append(f"loss {st.loss:.4f}" + (f" · validation loss {float(st.val_loss):.4f}"
