@@ -627,6 +627,9 @@ def cli(argv) -> int:
         # this process is still importing, and that stop must not be lost (the JobManager clears stale ones).
         result = train(cfg, run_dir, resume=bool(args.resume),
                        stop=lambda: stop_requested["n"] > 0 or stop_file.exists())
+        # Saved and done: a Ctrl-C arriving now has nothing left to abort (it would only break the report).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if result.status == "stopped" and int(os.environ.get("RANK", "0")) == 0:
             stop_file.unlink(missing_ok=True)
     except EmbedtrainError as e:

@@ -107,10 +107,20 @@ def test_grid_tab_renders_shows_errors_and_sends_settings(tmp_path, images):
         assert grids[0].stem in tab.locator("#grid-file").inner_text()   # offered for download
 
         # an embedding made for another model family: a clear error that names the file
-        boxes.get_by_label("beta-run/beta.safetensors").uncheck()
+        page.reload()  # a fresh page session, as a user coming back would have
+        page.get_by_role("tab", name="Grid").click()
+        page.wait_for_load_state("networkidle")
+        tab = page.locator("#tab-grid")
+        boxes = tab.locator("#grid-embeddings")
+        status = tab.locator("#grid-status")
+        boxes.get_by_label("alpha-run/alpha.safetensors").check()
+        tab.get_by_label("Sampling steps").fill("2")
         tab.get_by_label("More embedding files").fill("sd1/wide.safetensors")
         tab.locator("#grid-render").click()
-        status.get_by_text("Error").wait_for(timeout=180_000)
+        try:
+            status.get_by_text("Error").wait_for(timeout=60_000)
+        finally:
+            page.screenshot(path=str(tmp_path / "grid-error.png"), full_page=True)
         text = status.inner_text()
         assert "wide.safetensors" in text and "768" in text and "32" in text, text
 

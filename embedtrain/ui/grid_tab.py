@@ -189,7 +189,13 @@ class Runner:
                 continue
             ended = ended or ev.get("event") in ("done", "error")
             yield ev
-        rc = proc.wait()
+            if ended:  # the result is in; don't hold the page's event on the process's teardown
+                break
+        try:
+            rc = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
         if not ended:
             tail = log_path.read_text(encoding="utf-8", errors="replace")[-1500:]
             yield {"event": "error", "message": f"the render process ended with code {rc}"
