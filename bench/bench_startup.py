@@ -56,7 +56,7 @@ def time_to_page(cmd: list[str], port: int, timeout: float = 120.0) -> float:
 
 def time_to_first_update(tmp: Path) -> float:
     data = ROOT / "assets" / "demo_dataset"
-    out = tmp / "runs"
+    out = tmp / f"runs-{time.time_ns()}"  # a fresh folder per repeat: never read an earlier run's events
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "embedtrain", "train", "--model", "demo", "--data", str(data),
                              "--name", "benchstar", "--steps", "3", "--preview-every", "0", "--out", str(out),
