@@ -516,7 +516,6 @@ def _plot_range(path: Path, rows, train_s, meas, sug, report) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from embedtrain.fileio import atomic_path
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=100)
     lrs = [m[1] for m in meas]
     label = "validation loss" if report["loss"] == "val_loss" else "stabilized training loss"
@@ -537,15 +536,7 @@ def _plot_range(path: Path, rows, train_s, meas, sug, report) -> None:
     ax.set_ylabel(label)
     title = (f"range test: lower {report['lower']:.3g}, upper {report['upper']:.3g}" if report["lower"] is not None
              else "range test: no suggestion")
-    if report["warnings"]:
-        title += "  (small validation set: read with care)" if "small validation" in " ".join(
-            report["warnings"]) else ""
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _finish_plot(fig, ax, title, report["warnings"], path)
 
 
 def sweep(cfg: TrainConfig, out_dir, *, candidates=None, epochs: float = 8, val_every: int | None = None,
@@ -652,7 +643,6 @@ def _plot_sweep(path: Path, runs, curves, report) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from embedtrain.fileio import atomic_path
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=100)
     for r, c in zip(runs, curves):
         pts = r["points"]
@@ -663,14 +653,7 @@ def _plot_sweep(path: Path, runs, curves, report) -> None:
     ax.set_ylabel("validation loss" if report["loss"] == "val_loss" else "stabilized training loss")
     rec = report["recommended_lr"]
     title = f"sweep, {report['epochs']:g} epochs each: " + (f"use {rec:.3g}" if rec else "no recommendation")
-    if any("small validation" in w for w in report["warnings"]):
-        title += "  (small validation set: read with care)"
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _finish_plot(fig, ax, title, report["warnings"], path)
 
 
 # ====================================================================== command lines
@@ -800,3 +783,18 @@ def cli_lr_find(argv) -> int:
 
 def cli_sweep(argv) -> int:
     return _run("sweep", argv)
+
+
+def _finish_plot(fig, ax, title: str, warnings: list[str], path) -> None:
+    """Title (with the small-validation-set caveat when it applies), legend, atomic PNG write."""
+    import matplotlib.pyplot as plt
+
+    from embedtrain.fileio import atomic_path
+    if any("small validation" in w for w in warnings):
+        title += "  (small validation set: read with care)"
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

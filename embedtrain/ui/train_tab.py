@@ -58,13 +58,6 @@ def form_config(ctx, values: dict) -> TrainConfig:
         else:
             raise EmbedtrainError(f"lr must be a number such as 0.005 or A1111's '0.005:100, 1e-3:1000, 1e-5', "
                                   f"got {lr!r}") from None
-    for key in ("vectors", "batch_size", "grad_accum", "steps", "lr_warmup", "lr_step_size", "val_every",
-                "save_every", "preview_every", "seed", "resolution"):
-        v = data.get(key)
-        if isinstance(v, float) and v.is_integer():
-            data[key] = int(v)
-        elif v is None or (isinstance(v, float)):
-            raise EmbedtrainError(f"{key} must be a whole number, got {v!r}")
     data["out"] = str(ctx.outputs)
     cfg = TrainConfig.from_dict(data)
     return apply_preset(cfg, explicit=set(data)).validate()  # presets fill only what the form doesn't show
@@ -129,6 +122,8 @@ def dataset_view(folder: str):
         samples, skipped = scan_folder(folder, 96)
     except EmbedtrainError as e:
         return f"Error: {e}", []
+    p = Path(folder)
+    _count_cache[(str(p), p.stat().st_mtime)] = len(samples)  # the derived-numbers line needs no second scan
     text = f"{len(samples)} usable images"
     if skipped:
         text += f"; skipped {len(skipped)}: " + "; ".join(f"{s.path.name} ({s.reason})" for s in skipped[:5])
