@@ -34,6 +34,22 @@ def atomic_path(path):
         raise
 
 
+def remove_stale_temps(folder) -> list[Path]:
+    """Delete the hidden `.NAME.*.tmp` files a killed writer left in `folder`; the paths removed.
+
+    Only call this when no other process writes to the folder (a run's own folder, on resume).
+    """
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file() and not tmp.is_symlink():
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

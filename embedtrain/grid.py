@@ -589,7 +589,13 @@ def _write(result: GridResult, s: GridSettings, fields: dict, info) -> list[Path
 
 
 def default_out(outputs, stem: str = "grid") -> Path:
-    return Path(outputs) / "grids" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    """outputs/grids/STEM-DATE-TIME.png; a suffix -2, -3, ... when that second's name is taken."""
+    base = Path(outputs) / "grids" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base.with_suffix(".png"), 1
+    while path.exists() or path.with_suffix("").exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}.png")
+    return path
 
 
 # ------------------------------------------------------------------ the steps-vs-GA study

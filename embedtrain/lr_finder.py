@@ -354,18 +354,6 @@ def finder_config(cfg: TrainConfig, typed: set[str]) -> tuple[TrainConfig, list[
     return cfg.replace(**changes), notes
 
 
-def _set_run(trainer, **changes) -> None:
-    """Point the loaded Trainer at the next run: a new config (LR, length) and its plan.
-
-    Trainer.__init__ derives `plan` from cfg.steps; the finder decides the length after the data is
-    scanned (E epochs need the image count), so it re-derives the plan the same way here."""
-    from embedtrain.calculator import derive
-    cfg = trainer.cfg.replace(**changes)
-    trainer.cfg = cfg
-    trainer.plan = derive(len(trainer.train_samples), cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.step_unit,
-                          repeats=cfg.repeats, processes=trainer.world)
-
-
 def _which(trainer) -> tuple[str, str]:
     return ("val", "val_loss") if trainer.val_samples else ("train", "val_train_loss")
 
@@ -424,7 +412,7 @@ def range_test(cfg: TrainConfig, out_dir, *, ramp: str = "linear", start_lr: flo
     t0 = time.perf_counter()
     trainer = trainer or Trainer(cfg, log=log)
     load_s = time.perf_counter() - t0
-    _set_run(trainer, lr=end_lr, lr_schedule="constant", steps=updates, step_unit="update", val_every=val_every,
+    trainer.set_run(lr=end_lr, lr_schedule="constant", steps=updates, step_unit="update", val_every=val_every,
              lr_warmup=0)
     trainer.reset_embedding()
     which, column = _which(trainer)
@@ -578,7 +566,7 @@ def sweep(cfg: TrainConfig, out_dir, *, candidates=None, epochs: float = 8, val_
     for k, lr in enumerate(candidates, start=1):
         if stop and stop():
             break
-        _set_run(trainer, lr=lr, lr_schedule="constant", lr_warmup=0, steps=updates, step_unit="update",
+        trainer.set_run(lr=lr, lr_schedule="constant", lr_warmup=0, steps=updates, step_unit="update",
                  val_every=val_every)
         trainer.reset_embedding()
         t = time.perf_counter()

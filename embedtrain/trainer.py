@@ -77,8 +77,7 @@ class Trainer:
         else:
             self.train_samples, self.val_samples = data.split(samples, cfg.val_split, cfg.seed)
         self.images = len(self.train_samples) * cfg.repeats  # DESIGN.md: images after split, with repeats
-        self.plan = derive(len(self.train_samples), cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.step_unit,
-                           repeats=cfg.repeats, processes=self.world)
+        self.plan = self._plan()
         self.templates = data.load_templates(cfg.template)
         self.stream = data.Stream(self.images, cfg.seed)
 
@@ -117,6 +116,29 @@ class Trainer:
         self._val_fixed = {}
 
     # ------------------------------------------------------------------ helpers
+    # What a loaded Trainer was built from: the model, the data, its split and order, the token.
+    _LOADED = ("model", "model_config", "data", "val_data", "name", "init_text", "vectors", "template", "repeats",
+               "resolution", "flip", "latent_sampling", "batch_size", "seed", "val_split", "device",
+               "mixed_precision", "gradient_checkpointing")
+
+    def set_run(self, **changes) -> None:
+        """Point this loaded Trainer at another run (LR, schedule, length, intervals) on the same data.
+
+        Used by the LR finder and the sweep, which load the model and data once and train several
+        short runs. The plan is re-derived as __init__ derives it; a change to anything the Trainer
+        was built from (model, data, batch size, seed, ...) is refused, as it needs a new Trainer."""
+        loaded = sorted(set(changes) & set(self._LOADED))
+        if loaded:
+            raise ValueError(f"set_run cannot change {', '.join(loaded)}: build a new Trainer for that")
+        self.cfg = self.cfg.replace(**changes).validate()
+        self.plan = self._plan()
+
+    def _plan(self):
+        """The run's counts (DESIGN.md formulas) for the loaded data and the current config."""
+        cfg = self.cfg
+        return derive(len(self.train_samples), cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.step_unit,
+                      repeats=cfg.repeats, processes=self.world)
+
     def reset_embedding(self) -> None:
         """Back to the init-text vectors (a fresh embedding for the next sweep candidate)."""
         import torch
@@ -308,6 +330,10 @@ class Trainer:
             update, batch = self._load_resume(run_dir, optimizer)
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if resume:   # a killed save leaves its temp file behind; the good files beside it are intact
+                from embedtrain.fileio import remove_stale_temps
+                for tmp in remove_stale_temps(run_dir):
+                    self.log(f"  removed {tmp.name}, left by an interrupted save")
             cfg.save(run_dir / "config.json")
             self.log(self.summary())
             for s in self.skipped:

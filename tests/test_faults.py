@@ -304,6 +304,7 @@ def test_kill_9_during_a_save_leaves_the_previous_embedding_intact(trainer, tmp_
     t.reset_embedding()
     result = t.run(run, resume=True)  # the run can still be finished from its resume state
     assert result.status == "finished" and result.updates == 8
+    assert not list(run.glob(".*.tmp")), "the resume removes the temp file the killed save left"
     assert load_embedding(run / "zorblat.safetensors").meta["updates"] == "8"
 
 

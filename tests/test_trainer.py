@@ -187,3 +187,17 @@ def test_config_json_round_trip_and_unknown_keys(tiny_cfg, tmp_path):
     (tmp_path / "bad.json").write_text('{"batch_sise": 4}')
     with pytest.raises(ConfigError, match="batch_sise"):
         TrainConfig.load(tmp_path / "bad.json")
+
+
+def test_set_run_re_derives_the_plan_and_refuses_what_needs_a_new_trainer(tiny_cfg):
+    t = Trainer(tiny_cfg.replace(steps=4, step_unit="update"))
+    t.set_run(steps=12, step_unit="batch", lr=1e-3)
+    cfg = t.cfg
+    assert (cfg.steps, cfg.step_unit, cfg.lr) == (12, "batch", 1e-3)
+    assert t.plan == derive(len(t.train_samples), cfg.batch_size, cfg.grad_accum, 12, "batch",
+                            repeats=cfg.repeats, processes=t.world)
+    with pytest.raises(ValueError, match="batch_size, seed"):
+        t.set_run(batch_size=2, seed=3, lr=1e-2)
+    assert t.cfg.lr == 1e-3   # a refused change leaves the run as it was
+    with pytest.raises(ConfigError, match="lr"):
+        t.set_run(lr=-1.0)

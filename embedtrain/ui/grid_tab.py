@@ -167,12 +167,22 @@ class Runner:
     def __init__(self, outputs: Path):
         self.outputs = Path(outputs)
         self.proc = None
+        self.finished = False   # the running process has sent its result
         self.lock = threading.Lock()
 
     def stream(self, argv: list[str]):
+        """Start `python -m embedtrain ARGV` and yield its JSON events until its result is in.
+
+        Once the process has sent `done` or `error` the generator ends at once; the process's own
+        teardown (freeing the model, interpreter exit) is waited for on a background thread, so the
+        page's event finishes with the result and the next Render is accepted straight away.
+        """
         with self.lock:
             if self.proc is not None and self.proc.poll() is None:
-                raise GridError("a grid or study is already running; wait for it or press Stop")
+                if not self.finished:
+                    raise GridError("a grid or study is already running; wait for it or press Stop")
+                self.proc.kill()     # its result is already in: it is only tearing down
+                self.proc.wait()
             log_path = self.outputs / "grids" / ".last-render.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log = open(log_path, "wb")
@@ -180,32 +190,39 @@ class Runner:
             env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
             self.proc = proc = subprocess.Popen([sys.executable, "-m", "embedtrain", *argv], stdout=subprocess.PIPE,
                                                 stderr=log, cwd=str(ROOT), env=env, text=True)
+            self.finished = False
             log.close()
-        ended = False
         for line in proc.stdout:
             try:
                 ev = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            ended = ended or ev.get("event") in ("done", "error")
+            if ev.get("event") in ("done", "error"):
+                self.finished = True
+                threading.Thread(target=_reap, args=(proc,), daemon=True).start()
+                yield ev
+                return
             yield ev
-            if ended:  # the result is in; don't hold the page's event on the process's teardown
-                break
-        try:
-            rc = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-        if not ended:
-            tail = log_path.read_text(encoding="utf-8", errors="replace")[-1500:]
-            yield {"event": "error", "message": f"the render process ended with code {rc}"
-                   + (" (stopped)" if rc < 0 else "") + (f". Last output:\n{tail}" if tail.strip() else "")}
+        rc = _reap(proc)
+        tail = log_path.read_text(encoding="utf-8", errors="replace")[-1500:]
+        yield {"event": "error", "message": f"the render process ended with code {rc}"
+               + (" (stopped)" if rc < 0 else "") + (f". Last output:\n{tail}" if tail.strip() else "")}
 
     def stop(self) -> str:
         if self.proc is None or self.proc.poll() is not None:
             return "nothing is rendering"
         self.proc.terminate()
         return "stopped"
+
+
+def _reap(proc, timeout: float = 30.0) -> int:
+    """Wait for a process to exit (killing it after `timeout` seconds); its exit code."""
+    try:
+        proc.stdout.close()
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def _progress_text(ev: dict) -> str:
@@ -304,6 +321,7 @@ def build(ctx) -> None:
                 return
             elif ev["event"] == "done":
                 yield "", ev
+                return
 
     def render(*args, progress=gr.Progress()):
         v = dict(zip(GRID_FIELDS, args))
