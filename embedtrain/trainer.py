@@ -627,6 +627,7 @@ def cli(argv) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     stop_requested = {"n": 0}
+    main = int(os.environ.get("RANK", "0")) == 0   # under torchrun only rank 0 writes and reports
 
     def on_sigint(signum, frame):
         stop_requested["n"] += 1
@@ -647,7 +648,7 @@ def cli(argv) -> int:
         signal.signal(signal.SIGINT, on_sigint)
         signal.signal(signal.SIGTERM, on_sigint)
         stop_file = run_dir / "STOP"
-        if int(os.environ.get("RANK", "0")) == 0:
+        if main:
             _check_writable(run_dir)
         # A STOP file is consumed when it stops the run, never deleted at start: the web UI may write it while
         # this process is still importing, and that stop must not be lost (the JobManager clears stale ones).
@@ -656,7 +657,7 @@ def cli(argv) -> int:
         # Saved and done: a Ctrl-C arriving now has nothing left to abort (it would only break the report).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if result.status == "stopped" and int(os.environ.get("RANK", "0")) == 0:
+        if result.status == "stopped" and main:
             stop_file.unlink(missing_ok=True)
     except EmbedtrainError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -669,7 +670,7 @@ def cli(argv) -> int:
         print("aborted (stop asked twice): the embedding files and resume state written before are intact",
               file=sys.stderr)
         return 130
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only the main process reports
+    if not main:
         return 1 if result.status == "failed" else 0
     if result.status == "failed":
         print(f"error: {result.message}", file=sys.stderr)

@@ -173,6 +173,12 @@ def test_browser_train_stop_reload(tmp_path):
                                timeout=30_000)
         page.screenshot(path=str(shots / "after-reload.png"), full_page=True)
         assert page.locator("#train-button").is_disabled()  # one job at a time
+        # the reopened form shows the running job's settings, not the defaults
+        name_box, deadline = page.get_by_label("Embedding name"), time.time() + 30
+        while name_box.input_value() != "secondstar" and time.time() < deadline:
+            time.sleep(0.25)
+        assert name_box.input_value() == "secondstar"
+        assert page.get_by_label("Max steps").input_value() == "5000"
         page.click("#stop-button")
         page.wait_for_function("(document.querySelector('#progress') || {innerText: ''}).innerText.includes('Stopped')", timeout=240_000)
         page.screenshot(path=str(shots / "stopped.png"), full_page=True)

@@ -10,9 +10,7 @@ settings_of) are tested without a browser.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,8 +20,8 @@ import gradio as gr
 from embedtrain import EmbedtrainError
 from embedtrain.grid import (DEFAULT_PROMPTS, SAMPLERS, GridError, GridSettings, parse_pair, default_out,
                              parse_prompts, parse_seeds)
+from embedtrain.ui.jobs import launch
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 BASELINES = ["none", "init text", "no embedding", "this text"]
 # The Train tab inputs "Use these settings" fills from a run's config.json (those that exist are used).
@@ -186,10 +184,7 @@ class Runner:
             log_path = self.outputs / "grids" / ".last-render.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             log = open(log_path, "wb")
-            env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-            env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-            self.proc = proc = subprocess.Popen([sys.executable, "-m", "embedtrain", *argv], stdout=subprocess.PIPE,
-                                                stderr=log, cwd=str(ROOT), env=env, text=True)
+            self.proc = proc = launch(argv, stdout=subprocess.PIPE, stderr=log, detach=False)
             self.finished = False
             log.close()
         for line in proc.stdout:

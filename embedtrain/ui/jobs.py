@@ -24,6 +24,17 @@ from embedtrain.fileio import atomic_write_text
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
+def launch(argv: list[str], stdout, stderr=subprocess.STDOUT, detach: bool = True) -> subprocess.Popen:
+    """Start `python -m embedtrain ARGV` from the project root, offline and unbuffered.
+
+    The one way the UI starts a process (training jobs, LR finder, grids). `detach` puts it in its own
+    session, so a closed page or a restarted server does not stop it."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen([sys.executable, "-m", "embedtrain", *argv], stdout=stdout, stderr=stderr,
+                            cwd=str(ROOT), env=env, start_new_session=detach, text=stdout == subprocess.PIPE)
+
+
 class JobError(EmbedtrainError):
     """A job cannot be started or controlled; the message says why."""
 
@@ -80,8 +91,6 @@ class JobManager:
         if job and _alive(job["pid"]):
             raise JobError(f"a job is already running: {job['name']} in {job['run_dir']} (started "
                            f"{time.strftime('%H:%M:%S', time.localtime(job['started']))}); stop it first")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         if resume_dir:
             run_dir = self._inside_outputs(resume_dir)
             if not (run_dir / "resume.pt").is_file():
@@ -101,8 +110,7 @@ class JobManager:
             name = cfg.name
         (run_dir / "STOP").unlink(missing_ok=True)
         log = open(run_dir / "job.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "embedtrain", "train", *args], stdout=log,
-                                stderr=subprocess.STDOUT, cwd=str(ROOT), env=env, start_new_session=True)
+        proc = launch(["train", *args], stdout=log)
         log.close()
         atomic_write_text(self.state_file, json.dumps(
             {"pid": proc.pid, "run_dir": str(run_dir), "name": name, "started": time.time()}))

@@ -15,8 +15,6 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,8 +23,8 @@ import pandas as pd
 
 from embedtrain import EmbedtrainError
 from embedtrain.config import TEMPLATES, TrainConfig, apply_preset
+from embedtrain.ui.jobs import launch
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 # Train-tab settings the finder runs with (TrainConfig field names), in the order callbacks get them.
 SOURCE = ["model", "data", "name", "init_text", "vectors", "template", "batch_size", "grad_accum", "optimizer",
           "seed", "resolution", "val_split", "lr"]
@@ -200,11 +198,8 @@ class FinderJobs:
         if run_dir.exists():
             raise EmbedtrainError(f"{run_dir.name} already exists; wait a second and run again")
         run_dir.mkdir(parents=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         with open(run_dir / "job.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "embedtrain", *argv], stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=str(ROOT), env=env, start_new_session=True)
+            proc = launch(argv, stdout=log)
         job = {"pid": proc.pid, "kind": kind, "run_dir": str(run_dir), "started": time.time(), "argv": argv}
         atomic_write_text(self.state_file, json.dumps(job))
         return job

@@ -166,6 +166,24 @@ def plot_frames(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
             pd.DataFrame(lr, columns=["update", "lr", "series"]))
 
 
+def form_values(cfg: TrainConfig) -> list:
+    """The Train form's values (FIELDS order) for a config; the LR as text, as the form holds it."""
+    return [str(getattr(cfg, k)) if k == "lr" else getattr(cfg, k) for k in FIELDS]
+
+
+def running_config(jobs) -> TrainConfig | None:
+    """The settings of the job running now (run_name cleared: a new run needs its own folder)."""
+    st = jobs.status()
+    if not st.running:
+        return None
+    for name in ("config.json", "job.json"):
+        try:
+            return TrainConfig.load(Path(st.run_dir) / name).replace(run_name="")
+        except (EmbedtrainError, OSError):
+            continue
+    return None
+
+
 def status_view(st) -> dict:
     """A JobStatus as the strings and frames the page shows."""
     if st.state == "idle":
@@ -399,21 +417,22 @@ def build(ctx) -> None:
             loaded = TrainConfig.load(path)
         except EmbedtrainError as e:
             return [gr.update() for _ in FIELDS] + [f"Error: {e}"]
-        out = []
-        for k in FIELDS:
-            val = getattr(loaded, k)
-            out.append(str(val) if k == "lr" else val)
-        return out + [f"Loaded settings from {Path(path).name}"]
+        return form_values(loaded) + [f"Loaded settings from {Path(path).name}"]
 
     save_cfg.click(save_settings, inputs, [cfg_file, message])
     cfg_file.upload(load_settings, cfg_file, inputs + [message])
 
     # ---- first paint (and every reload): derived numbers, schedule, dataset, history
     def on_load(*args):
+        # A page opened while a job runs shows that job's settings, not the defaults.
+        running = running_config(ctx.jobs)
+        form = form_values(running) if running else [gr.update() for _ in FIELDS]
+        if running:
+            args = form
         d, frame, desc = refresh_derived(*args)
         text, pics = dataset_view(values_of(args)["data"])
         frame_h = history_frame(ctx.jobs)
-        return d, frame, desc, text, pics, frame_h, gr.update(choices=list(frame_h["run"]))
+        return (d, frame, desc, text, pics, frame_h, gr.update(choices=list(frame_h["run"])), *form)
 
     ctx.on_load.append((on_load, inputs, [derived, schedule_plot, schedule_desc, data_info, thumbs, history,
-                                          resume_pick]))
+                                          resume_pick, *inputs]))
