@@ -145,10 +145,25 @@ class Trainer:
         with torch.no_grad():
             self.token.vectors.copy_(self.init_vectors)
 
+    def token_ids(self, prompts: list[str]):
+        """Token ids of the prompts (padded to the model's length), cached per prompt.
+
+        A run's prompts come from a few templates x the captions, so after the first epoch the
+        tokenizer (pure Python, ~0.1-1 ms per prompt) is not called again."""
+        import torch
+        cache = self.__dict__.setdefault("_ids", {})
+        missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+        if missing:
+            if len(cache) + len(missing) > 20000:   # unbounded captions (e.g. random ones): keep memory flat
+                cache.clear()
+                missing = list(dict.fromkeys(prompts))
+            ids = self.tokenizer([self.token.expand(p) for p in missing], padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length).input_ids
+            cache.update(zip(missing, ids))
+        return torch.tensor([cache[p] for p in prompts], dtype=torch.long)
+
     def encode_prompts(self, prompts: list[str]):
-        ids = self.tokenizer([self.token.expand(p) for p in prompts], padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+        return self.text_encoder(self.token_ids(prompts).to(self.device))[0]
 
     def _autocast(self):
         import contextlib

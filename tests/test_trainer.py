@@ -201,3 +201,26 @@ def test_set_run_re_derives_the_plan_and_refuses_what_needs_a_new_trainer(tiny_c
     assert t.cfg.lr == 1e-3   # a refused change leaves the run as it was
     with pytest.raises(ConfigError, match="lr"):
         t.set_run(lr=-1.0)
+
+
+def test_token_ids_are_the_tokenizers_and_are_cached(tiny_cfg):
+    t = Trainer(tiny_cfg.replace(steps=2))
+    prompts = [f"a photo of {t.cfg.name}", "a photo of a star", f"a photo of {t.cfg.name}"]
+    expected = t.tokenizer([t.token.expand(p) for p in prompts], padding="max_length", truncation=True,
+                           max_length=t.tokenizer.model_max_length, return_tensors="pt").input_ids
+    assert torch.equal(t.token_ids(prompts), expected)
+    calls = []
+
+    class Counting:
+        def __init__(self, real):
+            self.real, self.model_max_length = real, real.model_max_length
+
+        def __call__(self, *a, **k):
+            calls.append(a)
+            return self.real(*a, **k)
+
+    t.tokenizer = Counting(t.tokenizer)
+    assert torch.equal(t.token_ids(prompts[::-1]), expected.flip(0))
+    assert calls == []                      # all three were cached
+    t.token_ids(["a red star"])
+    assert calls == [(["a red star"],)]     # only the new prompt is tokenized

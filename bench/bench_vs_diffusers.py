@@ -1,0 +1,177 @@
+"""embedtrain vs the public diffusers textual-inversion example, side by side in one run.
+
+Both train the same embedding on the same local model folder (a mid-size SD-architecture model built
+from config and saved in diffusers format), the same images, resolution, batch size, gradient
+accumulation and learning rate, fp32 on the CPU, each as its own process started the same way.
+
+    python bench/bench_vs_diffusers.py --example PATH/textual_inversion.py [--size mid] [--batch-size 1]
+
+PATH is a local copy of diffusers' `examples/textual_inversion/textual_inversion.py` (never commit
+it); without `--example` the benchmark says it skipped. Updates per second are measured from two run
+lengths (`--short` and `--long` updates): (time(long) - time(short)) / (long - short) is the
+steady-state time per update, so imports, model loading and embedtrain's one-off latent caching
+cancel out; the whole-process times are printed too. Peak memory is each process's maximum RSS
+(wait4). Medians of `--repeats`. Targets: >= 1.5x the example's updates/s, no more peak memory.
+
+torchvision: the example imports it for one thing, `transforms.RandomHorizontalFlip` on a PIL image.
+Where the installed torchvision does not load (on this machine the wheels are CUDA builds that fail
+against the CPU torch), the benchmark puts a stand-in module with that one class (a PIL flip with
+probability p) on the example's path and says so; the work timed is unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+FLIP_STAND_IN = '''"""Stand-in for torchvision.transforms written by bench_vs_diffusers.py: only RandomHorizontalFlip."""
+import random
+
+from PIL import Image
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, img):
+        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if random.random() < self.p else img
+'''
+
+DIFFERENCES = """What differs in the work done per update (same model, data, BS, GA, LR, fp32, CPU):
+- latents: embedtrain encodes each image once before training (posterior mean, cached); the example runs
+  the VAE encoder on every image of every batch (latent_dist.sample()).
+- optimized parameters: embedtrain's optimizer holds only the new vectors (vectors x dim); the example
+  optimizes the whole token-embedding table and copies the original rows back after every step.
+- data: the example decodes, resizes and flips each image from disk in a DataLoader on every step;
+  embedtrain flips cached latents (flip off here) and caches tokenised prompts.
+- bookkeeping: embedtrain writes a log row and an event per update (its defaults); neither validates,
+  previews or saves snapshots inside the timed updates."""
+
+
+def torchvision_loads(env: dict) -> bool:
+    probe = subprocess.run([sys.executable, "-c", "from torchvision import transforms"], env=env,
+                           capture_output=True, text=True)
+    return probe.returncode == 0
+
+
+def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one process."""
+    with open(log, "w") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(log.parent))
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[1]} failed (exit {proc.returncode}); its output is in {log}:\n"
+                         + log.read_text()[-3000:])
+    return wall, usage.ru_maxrss / 1024
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--example", default="", help="local copy of diffusers' textual_inversion.py")
+    ap.add_argument("--size", choices=("mid", "demo"), default="mid")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--short", type=int, default=4, help="updates of the short runs")
+    ap.add_argument("--long", type=int, default=16, help="updates of the long runs")
+    ap.add_argument("--updates", type=int, default=0, help="shorthand: --long N, --short N // 4")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    args = ap.parse_args(argv)
+    if args.updates:
+        args.long, args.short = args.updates, max(1, args.updates // 4)
+    if not args.example:
+        print("skipped: no --example PATH (a local copy of diffusers' examples/textual_inversion/"
+              "textual_inversion.py); target >= 1.5x updates/s and <= 1.0x peak memory not measured")
+        return 0
+    example = Path(args.example).resolve()
+    if not example.is_file():
+        ap.error(f"--example: {example} is not a file")
+
+    from bench_step import MID, make_data
+    from embedtrain.demo.model import build_pipeline
+    work = Path(tempfile.mkdtemp(prefix="embedtrain-vs-diffusers-"))
+    pipe = build_pipeline(MID if args.size == "mid" else "demo")
+    res = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    model_dir = work / "model"
+    pipe.save_pretrained(model_dir)
+    del pipe
+    data = make_data(work / "data", args.images, res)
+    for txt in data.glob("*.txt"):   # the example reads every file in the folder as an image
+        txt.unlink()
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    ex_env = dict(env)
+    stand_in = ""
+    if not torchvision_loads(ex_env):
+        shim = work / "shim" / "torchvision"
+        shim.mkdir(parents=True)
+        (shim / "__init__.py").write_text("")
+        (shim / "transforms.py").write_text(FLIP_STAND_IN)
+        ex_env["PYTHONPATH"] = str(shim.parent) + os.pathsep + ex_env["PYTHONPATH"]
+        stand_in = " (torchvision does not load here: the example ran with the RandomHorizontalFlip stand-in)"
+
+    def embedtrain_cmd(n: int, out: Path) -> list[str]:
+        return [sys.executable, "-m", "embedtrain", "train", "--model", str(model_dir), "--data", str(data),
+                "--name", "zorb", "--init-text", "circle", "--template", "object", "--resolution", str(res),
+                "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--steps", str(n),
+                "--step-unit", "update", "--lr", str(args.lr), "--out", str(out), "--device", "cpu",
+                "--mixed-precision", "no", "--seed", "0"]
+
+    def example_cmd(n: int, out: Path) -> list[str]:
+        return [sys.executable, str(example), "--pretrained_model_name_or_path", str(model_dir),
+                "--train_data_dir", str(data), "--placeholder_token", "<zorb>", "--initializer_token", "circle",
+                "--learnable_property", "object", "--resolution", str(res),
+                "--train_batch_size", str(args.batch_size), "--gradient_accumulation_steps", str(args.grad_accum),
+                "--max_train_steps", str(n), "--learning_rate", str(args.lr), "--lr_scheduler", "constant",
+                "--lr_warmup_steps", "0", "--output_dir", str(out), "--report_to", "all", "--seed", "0",
+                "--checkpointing_steps", "1000000", "--save_steps", "1000000", "--mixed_precision", "no",
+                "--dataloader_num_workers", "0"]
+
+    runs = {("embedtrain", n): [] for n in (args.short, args.long)}
+    runs.update({("example", n): [] for n in (args.short, args.long)})
+    for r in range(args.repeats):
+        for n in (args.short, args.long):
+            for tool in ("embedtrain", "example"):   # interleaved, so drift hits both alike
+                out = work / f"{tool}-{n}-{r}"
+                out.mkdir()
+                cmd = embedtrain_cmd(n, out) if tool == "embedtrain" else example_cmd(n, out)
+                wall, rss = timed(cmd, env if tool == "embedtrain" else ex_env, out / "output.log")
+                runs[(tool, n)].append((wall, rss))
+                print(f"repeat {r + 1}: {tool:<10} {n:>3} updates: {wall:6.1f} s, peak RSS {rss:7.1f} MiB", flush=True)
+
+    def med(tool, n, i):
+        return statistics.median(x[i] for x in runs[(tool, n)])
+
+    per = {t: (med(t, args.long, 0) - med(t, args.short, 0)) / (args.long - args.short) for t in ("embedtrain", "example")}
+    peak = {t: max(med(t, args.long, 1), med(t, args.short, 1)) for t in ("embedtrain", "example")}
+    print(f"\n{args.size}-size model ({res} px), {args.images} images, BS {args.batch_size}, GA {args.grad_accum}, "
+          f"fp32 CPU, {args.threads} threads; medians of {args.repeats}{stand_in}")
+    print(f"{'':<11} {'s/update':>9} {'updates/s':>10} {'whole run ' + str(args.long) + ' upd':>17} {'peak MiB':>9}")
+    for t in ("embedtrain", "example"):
+        print(f"{t:<11} {per[t]:>9.3f} {1 / per[t]:>10.3f} {med(t, args.long, 0):>15.1f} s {peak[t]:>9.1f}")
+    speed = per["example"] / per["embedtrain"]
+    mem = peak["embedtrain"] / peak["example"]
+    print(f"updates/s embedtrain / example: {speed:.2f} (target >= 1.5: {'met' if speed >= 1.5 else 'NOT met'})")
+    print(f"peak memory embedtrain / example: {mem:.2f} (target <= 1.0: {'met' if mem <= 1.0 else 'NOT met'})")
+    print(DIFFERENCES)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
