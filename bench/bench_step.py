@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     for size in args.sizes.split(","):
         pipe = build(size)
         info = models._info(pipe, size, size)
-        res = pipe.unet.config.sample_size * 8
+        res = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # the model's own
         data = make_data(tmp / f"data-{size}", 8, res)
         for bs in (int(b) for b in args.batch_sizes.split(",")):
             cfg = TrainConfig(model=size, data=str(data), name="benchtok", init_text="circle",

@@ -74,6 +74,85 @@ def train_vae(vae, steps: int, batch_size: int, seed: int, lr: float, log, devic
     return losses
 
 
+def finetune_decoder(vae, steps: int, batch_size: int, seed: int, lr: float, log, device="cpu",
+                     deadline: float | None = None) -> list[float]:
+    """Train only the VAE decoder (and post_quant_conv) on fresh renders; the encoder stays frozen.
+
+    The latent space is the encoder's, so a UNet trained on it stays valid: this sharpens what the
+    decoder makes of the same latents (colours and small shapes are what an undertrained decoder gets
+    wrong). Inputs are posterior samples, so the decoder also tolerates latents slightly off the means.
+    """
+    import torch
+    rng = random.Random(seed)
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    vae.eval()
+    vae.decoder.train()
+    losses = []
+    for step in range(steps):
+        if deadline is not None and time.time() > deadline:
+            log(f"decoder: time budget reached after {step} updates")
+            break
+        batch = images_to_tensor([render(complete(Spec(), rng)) for _ in range(batch_size)], device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=20, floor=0.05)
+        with torch.no_grad():
+            z = vae.encode(batch).latent_dist.sample()
+        rec = vae.decode(z).sample
+        loss = torch.nn.functional.mse_loss(rec, batch) + 0.5 * (rec - batch).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log(f"decoder step {step:5d}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    vae.eval()
+    vae.requires_grad_(False)
+    return losses
+
+
+def decoder_only(args, log=print) -> dict:
+    """`--decoder-only`: fine-tune the decoder of the pipeline saved in --out, in place."""
+    import torch
+    from diffusers import AutoencoderKL
+    t0 = time.time()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    stats = json.loads((out / CARD_STATS).read_text(encoding="utf-8"))
+    dev = torch.device(args.device)
+    vae = AutoencoderKL.from_pretrained(str(out / "vae")).to(dev)
+    before = vae_recon_accuracy(vae, args.seed + 15, device=dev)
+    log(f"before: the judge reads {before:.1%} of 200 reconstructed renders right")
+    torch.manual_seed(args.seed + 50)
+    losses = finetune_decoder(vae, args.decoder_steps, args.vae_batch_size, args.seed + 50, args.decoder_lr, log,
+                              dev, deadline=t0 + args.minutes * 60)
+    after = vae_recon_accuracy(vae, args.seed + 15, device=dev)
+    log(f"after {len(losses)} decoder updates: the judge reads {after:.1%}")
+    stats.update(decoder_command="python -m embedtrain.demo.pretrain " + " ".join(sys.argv[1:]),
+                 decoder_steps=len(losses), decoder_batch_size=args.vae_batch_size, decoder_lr=args.decoder_lr,
+                 decoder_loss=sum(losses[-50:]) / max(1, len(losses[-50:])),
+                 vae_recon_judge_accuracy_encoder_phase=before, vae_recon_judge_accuracy=after,
+                 minutes_decoder=(time.time() - t0) / 60)
+    tmp = Path(tempfile.mkdtemp(prefix="vae.tmp-", dir=out))
+    try:
+        vae.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
+        old = out / "vae.old"
+        shutil.rmtree(old, ignore_errors=True)
+        (out / "vae").rename(old)
+        tmp.rename(out / "vae")
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    (out / CARD_STATS).write_text(json.dumps(stats, indent=2), encoding="utf-8")
+    write_card(out, stats, None)
+    return stats
+
+
 def vae_recon_accuracy(vae, seed: int, n: int = 200, device="cpu") -> float:
     """Fraction of reconstructed renders whose shape, colour and background the judge reads right."""
     import numpy as np
@@ -177,6 +256,12 @@ def write_card(folder: Path, stats: dict, scores: dict | None) -> None:
         f"- seed {stats.get('seed')}; VAE {stats.get('vae_steps')} updates of batch {stats.get('vae_batch_size')} "
         f"(final loss {stats.get('vae_loss', float('nan')):.4f}; the judge reads "
         f"{stats.get('vae_recon_judge_accuracy', float('nan')):.1%} of 200 reconstructed renders right)",
+        *([f"- then the VAE decoder alone (encoder frozen, so the UNet's latent space is unchanged): "
+           f"{stats['decoder_steps']} updates of batch {stats.get('decoder_batch_size')}, lr {stats.get('decoder_lr')}, "
+           f"{stats.get('minutes_decoder', 0):.1f} min (`{stats.get('decoder_command', '')}`); the judge reads "
+           f"{stats.get('vae_recon_judge_accuracy_encoder_phase', float('nan')):.1%} -> "
+           f"{stats.get('vae_recon_judge_accuracy', float('nan')):.1%} of the reconstructions right"]
+          if stats.get("decoder_steps") else []),
         f"- {stats.get('images')} fixed renders encoded once; UNet + text encoder "
         f"{stats.get('unet_steps_done')} of {stats.get('unet_steps')} planned updates of batch "
         f"{stats.get('batch_size')}, AdamW lr {stats.get('lr')} (warmup 100, cosine to 10%), min-SNR-5 "
@@ -338,11 +423,22 @@ def cli(argv=None) -> int:
     p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save the pipeline this often")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the committed model was trained on cuda: see its card)")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="fine-tune only the VAE decoder of the pipeline already in --out (encoder frozen, so its "
+                        "UNet stays valid) for --decoder-steps updates of --vae-batch-size, within --minutes")
+    p.add_argument("--decoder-steps", type=int, default=600)
+    p.add_argument("--decoder-lr", type=float, default=5e-4)
     args = p.parse_args(argv)
-    for name in ("minutes", "batch_size", "images", "vae_batch_size"):
+    for name in ("minutes", "batch_size", "images", "vae_batch_size", "decoder_steps"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    stats = pretrain(args, log=lambda m: print(m, flush=True))
+    log = lambda m: print(m, flush=True)   # noqa: E731
+    if args.decoder_only:
+        if not (Path(args.out) / CARD_STATS).is_file():
+            raise SystemExit(f"--decoder-only: {args.out} holds no pipeline saved by this script")
+        stats = decoder_only(args, log=log)
+    else:
+        stats = pretrain(args, log=log)
     print(json.dumps(stats, indent=2))
     return 0
 
