@@ -266,6 +266,11 @@ def write_card(folder: Path, stats: dict, scores: dict | None) -> None:
         f"{stats.get('unet_steps_done')} of {stats.get('unet_steps')} planned updates of batch "
         f"{stats.get('batch_size')}, AdamW lr {stats.get('lr')} (warmup 100, cosine to 10%), min-SNR-5 "
         f"weighted epsilon loss, 10% empty captions, EMA 0.999 (saved weights)",
+        *[f"- UNet phase {k + 1}: {ph['done']} of {ph['planned']} planned updates of batch {ph['batch_size']}, "
+          f"peak lr {ph['lr']}, offset noise {ph['offset_noise']}, loss {ph.get('loss_first', float('nan')):.4f} -> "
+          f"{ph.get('loss_last', float('nan')):.4f}" + ("" if ph.get("finished") else " (interrupted)")
+          for k, ph in enumerate(stats.get("unet_phase_log", []))],
+        *[f"- continued with `{c}`" for c in stats.get("continue_commands", [])],
         f"- loss (min-SNR weighted, mean of last 100 updates): first {stats.get('loss_first', float('nan')):.4f}"
         f", last {stats.get('loss_last', float('nan')):.4f}",
         f"- wall time {stats.get('minutes_total', 0):.1f} min on 2 CPU cores (VAE {stats.get('minutes_vae', 0):.1f} "
@@ -297,7 +302,7 @@ def pretrain(args, log=print) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     pipe.to(dev)
-    unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    unet, vae, te = pipe.unet, pipe.vae, pipe.text_encoder
     count = lambda m: sum(p.numel() for p in m.parameters())
     stats = dict(command="python -m embedtrain.demo.pretrain " + " ".join(sys.argv[1:]), seed=args.seed,
                  unet_params=count(unet), vae_params=count(vae), te_params=count(te),
@@ -316,7 +321,18 @@ def pretrain(args, log=print) -> dict:
     log(f"VAE done in {stats['minutes_vae']:.1f} min; the judge reads {stats['vae_recon_judge_accuracy']:.1%} "
         "of 200 reconstructed renders right")
 
-    # 2. Fixed image set, encoded once (posterior mean; the KL weight is tiny so the std is small).
+    samples, latents = encode_image_set(vae, args, stats, dev, log, t0)
+    unet_phase(pipe, samples, latents, args, stats, t0, deadline, log, dev)
+    shutil.rmtree(tok_dir, ignore_errors=True)
+    return stats
+
+
+def encode_image_set(vae, args, stats, dev, log, t0):
+    """2. The fixed image set (never the held-out purple star), encoded once with the VAE encoder.
+
+    Posterior means (the KL weight is tiny, so the std is small). The first time, the latent scaling
+    factor is set so latents have unit variance, as in SD; a continuation keeps the saved one."""
+    import torch
     rng = random.Random(args.seed + 20)
     samples = [pretraining_sample(rng)[0] for _ in range(args.images)]
     latents = []
@@ -325,25 +341,39 @@ def pretrain(args, log=print) -> dict:
             batch = images_to_tensor([render(s) for s in samples[i:i + 64]], dev)
             latents.append(vae.encode(batch).latent_dist.mean)
     latents = torch.cat(latents)
-    scale = 1.0 / latents.std().item()
-    vae.register_to_config(scaling_factor=scale)
-    latents = latents * scale
-    stats["scaling_factor"] = scale
-    log(f"encoded {len(samples)} images in {(time.time() - t0) / 60 - stats['minutes_vae']:.1f} min; "
-        f"scaling factor {scale:.4f}")
+    if "scaling_factor" not in stats:
+        vae.register_to_config(scaling_factor=1.0 / latents.std().item())
+        stats["scaling_factor"] = vae.config.scaling_factor
+    latents = latents * vae.config.scaling_factor
+    log(f"encoded {len(samples)} images in {(time.time() - t0) / 60 - stats.get('minutes_vae', 0):.1f} min; "
+        f"scaling factor {vae.config.scaling_factor:.4f}")
+    return samples, latents
 
-    # 3. UNet + text encoder
+
+def unet_phase(pipe, samples, latents, args, stats, t0, deadline, log, dev) -> None:
+    """3. UNet + text encoder: DDPM noise prediction with min-SNR-5 weighting and offset noise.
+
+    Offset noise (a per-image, per-channel constant added to the noise, scale --offset-noise): on
+    16 x 16 latents the SD noise schedule leaves an image's mean colour readable even at the last
+    timestep, so without it the model takes background and shape colours from the starting noise
+    and ignores the colour words (measured: backgrounds right in 8% of samples, shapes in 71%)."""
+    import torch
     from diffusers import DDPMScheduler
+    unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     alphas_cumprod = noise_sched.alphas_cumprod.to(dev)
     snr_all = alphas_cumprod / (1 - alphas_cumprod)
     params = list(unet.parameters()) + list(te.parameters())
+    for q in params:
+        q.requires_grad_(True)
     unet.train(), te.train()
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema = EMA(params, 0.999)
-    gen = torch.Generator().manual_seed(args.seed + 30)
-    cap_rng = random.Random(args.seed + 40)
+    phase = stats.get("unet_phases", 0)
+    gen = torch.Generator().manual_seed(args.seed + 30 + 1000 * phase)
+    cap_rng = random.Random(args.seed + 40 + 1000 * phase)
     token_cache: dict[str, list[int]] = {}
+    done_before = stats.get("unet_steps_done", 0) if phase else 0
 
     def encode_text(texts):
         missing = list(dict.fromkeys(t for t in texts if t not in token_cache))
@@ -353,6 +383,7 @@ def pretrain(args, log=print) -> dict:
         return te(torch.tensor([token_cache[t] for t in texts], device=dev))[0]
 
     total = args.unet_steps or 10 ** 9
+    warmup = 100 if not phase else 20
     losses, step, last_save = [], 0, time.time()
     t_unet = time.time()
     while step < total:
@@ -360,17 +391,19 @@ def pretrain(args, log=print) -> dict:
             per_step = (time.time() - t_unet) / 20
             save_cost = 15.0 * (args.minutes / max(args.checkpoint_minutes, 1e-9))
             total = max(21, int((deadline - time.time() - save_cost - 30) / per_step * 0.9) + 20)
-            stats["unet_steps"] = total
             log(f"{per_step:.2f} s per update -> {total} updates to fit {args.minutes} minutes")
         if time.time() > deadline + 60:
             log("past the time budget: stopping early")
             break
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total if args.unet_steps or step >= 20 else 10 ** 9, args.lr)
+            g["lr"] = lr_at(step, total if args.unet_steps or step >= 20 else 10 ** 9, args.lr, warmup=warmup)
         idx = torch.randint(0, len(samples), (args.batch_size,), generator=gen)
         x0 = latents[idx.to(dev)]
         texts = [caption(samples[i], cap_rng) if cap_rng.random() >= 0.1 else "" for i in idx.tolist()]
-        noise = torch.randn(x0.shape, generator=gen).to(dev)     # drawn on the CPU: the same on any device
+        noise = torch.randn(x0.shape, generator=gen)     # drawn on the CPU: the same on any device
+        if args.offset_noise:
+            noise = noise + args.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
+        noise = noise.to(dev)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch_size,), generator=gen).to(dev)
         noisy = noise_sched.add_noise(x0, noise, t)
         pred = unet(noisy, t, encoder_hidden_states=encode_text(texts)).sample
@@ -389,16 +422,51 @@ def pretrain(args, log=print) -> dict:
             log(f"step {step:5d}/{total if total < 10 ** 9 else '?'} loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
                 f"lr {opt.param_groups[0]['lr']:.2e} {el / step:.2f} s/update, {(time.time() - t0) / 60:.1f} min")
         if time.time() - last_save > args.checkpoint_minutes * 60 and step < total:
-            stats.update(_loss_stats(losses), unet_steps_done=step, minutes_total=(time.time() - t0) / 60)
+            _phase_stats(stats, phase, args, total, step, done_before, losses, t0)
             unet.eval(), te.eval()
             save_pipeline(pipe, ema, args.out, stats, log)
             unet.train(), te.train()
             last_save = time.time()
     unet.eval(), te.eval()
-    stats.update(_loss_stats(losses), unet_steps_done=step, finished=True,
-                 minutes_total=(time.time() - t0) / 60)
+    _phase_stats(stats, phase, args, total, step, done_before, losses, t0, finished=True)
     save_pipeline(pipe, ema, args.out, stats, log)
-    shutil.rmtree(tok_dir, ignore_errors=True)
+
+
+def _phase_stats(stats, phase, args, total, step, done_before, losses, t0, finished=False):
+    """Record a UNet phase in the stats (phase 0: the first run; 1, 2, ...: continuations)."""
+    entry = dict(planned=total if total < 10 ** 9 else None, done=step, batch_size=args.batch_size, lr=args.lr,
+                 offset_noise=args.offset_noise, minutes=round((time.time() - t0) / 60, 2), finished=finished,
+                 **_loss_stats(losses))
+    if phase == 0:
+        stats.update(unet_steps=entry["planned"], offset_noise=args.offset_noise, **_loss_stats(losses))
+    phases = stats.setdefault("unet_phase_log", [])
+    phases[phase:] = [entry]
+    stats.update(unet_steps_done=done_before + step, finished=finished, unet_phases=phase + (1 if finished else 0),
+                 minutes_total=stats.get("minutes_before", 0) + (time.time() - t0) / 60)
+
+
+def continue_unet(args, log=print) -> dict:
+    """`--continue`: more UNet + text encoder training on the pipeline saved in --out (EMA weights)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    t0 = time.time()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    stats = json.loads((out / CARD_STATS).read_text(encoding="utf-8"))
+    stats.setdefault("unet_phases", 1)
+    if not stats.get("unet_phase_log"):   # saved before phases were recorded: the first run is phase 1
+        stats["unet_phase_log"] = [dict(planned=stats.get("unet_steps"), done=stats.get("unet_steps_done"),
+                                        batch_size=stats.get("batch_size"), lr=stats.get("lr"),
+                                        offset_noise=stats.get("offset_noise", 0.0), finished=stats.get("finished"),
+                                        loss_first=stats.get("loss_first"), loss_last=stats.get("loss_last"))]
+    stats["minutes_before"] = stats.get("minutes_total", 0)
+    stats.setdefault("continue_commands", []).append("python -m embedtrain.demo.pretrain " + " ".join(sys.argv[1:]))
+    dev = torch.device(args.device)
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
+    pipe.to(dev)
+    pipe.vae.requires_grad_(False)
+    samples, latents = encode_image_set(pipe.vae, args, stats, dev, log, t0)
+    unet_phase(pipe, samples, latents, args, stats, t0, t0 + args.minutes * 60, log, dev)
     return stats
 
 
@@ -423,6 +491,10 @@ def cli(argv=None) -> int:
     p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save the pipeline this often")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the committed model was trained on cuda: see its card)")
+    p.add_argument("--offset-noise", type=float, default=0.2,
+                   help="scale of the per-channel constant added to the UNet's training noise (0 = off)")
+    p.add_argument("--continue", dest="cont", action="store_true",
+                   help="continue UNet + text encoder training of the pipeline already in --out for --minutes")
     p.add_argument("--decoder-only", action="store_true",
                    help="fine-tune only the VAE decoder of the pipeline already in --out (encoder frozen, so its "
                         "UNet stays valid) for --decoder-steps updates of --vae-batch-size, within --minutes")
@@ -433,7 +505,12 @@ def cli(argv=None) -> int:
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     log = lambda m: print(m, flush=True)   # noqa: E731
-    if args.decoder_only:
+    if args.cont or args.decoder_only:
+        if not (Path(args.out) / CARD_STATS).is_file():
+            raise SystemExit(f"--continue/--decoder-only: {args.out} holds no pipeline saved by this script")
+    if args.cont:
+        stats = continue_unet(args, log=log)
+    elif args.decoder_only:
         if not (Path(args.out) / CARD_STATS).is_file():
             raise SystemExit(f"--decoder-only: {args.out} holds no pipeline saved by this script")
         stats = decoder_only(args, log=log)
