@@ -255,7 +255,8 @@ def write_card(folder: Path, stats: dict, scores: dict | None) -> None:
         f"- command: `{stats.get('command', '')}`",
         f"- seed {stats.get('seed')}; VAE {stats.get('vae_steps')} updates of batch {stats.get('vae_batch_size')} "
         f"(final loss {stats.get('vae_loss', float('nan')):.4f}; the judge reads "
-        f"{stats.get('vae_recon_judge_accuracy', float('nan')):.1%} of 200 reconstructed renders right)",
+        f"{stats.get('vae_recon_judge_accuracy_encoder_phase', stats.get('vae_recon_judge_accuracy', float('nan'))):.1%}"
+        " of 200 reconstructed renders right)",
         *([f"- then the VAE decoder alone (encoder frozen, so the UNet's latent space is unchanged): "
            f"{stats['decoder_steps']} updates of batch {stats.get('decoder_batch_size')}, lr {stats.get('decoder_lr')}, "
            f"{stats.get('minutes_decoder', 0):.1f} min (`{stats.get('decoder_command', '')}`); the judge reads "
@@ -266,7 +267,7 @@ def write_card(folder: Path, stats: dict, scores: dict | None) -> None:
         f"{stats.get('unet_steps_done')} of {stats.get('unet_steps')} planned updates of batch "
         f"{stats.get('batch_size')}, AdamW lr {stats.get('lr')} (warmup 100, cosine to 10%), min-SNR-5 "
         f"weighted epsilon loss, 10% empty captions, EMA 0.999 (saved weights)",
-        *[f"- UNet phase {k + 1}: {ph['done']} of {ph['planned']} planned updates of batch {ph['batch_size']}, "
+        *[f"- UNet phase {k + 1}: {ph['done']} of {ph['planned'] or '?'} planned updates of batch {ph['batch_size']}, "
           f"peak lr {ph['lr']}, offset noise {ph['offset_noise']}, loss {ph.get('loss_first', float('nan')):.4f} -> "
           f"{ph.get('loss_last', float('nan')):.4f}" + ("" if ph.get("finished") else " (interrupted)")
           for k, ph in enumerate(stats.get("unet_phase_log", []))],
