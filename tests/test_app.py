@@ -226,3 +226,41 @@ def test_stop_pressed_while_the_job_starts_is_not_lost(tmp_path, images):
     st = jobs.status(str(run))
     assert st.state == "stopped" and st.update < 100, (st.state, st.update, st.message)
     assert (run / "quickstop.safetensors").is_file() and not (run / "STOP").exists()
+
+
+def test_run_reader_follows_appends_partial_lines_and_rewrites(tmp_path):
+    """read_run parses only what was appended since the last read, waits for a line being written,
+    and starts over when log.csv is rewritten (a resume)."""
+    from embedtrain.ui.jobs import read_run
+    from embedtrain.ui.train_tab import plot_frames
+    run = tmp_path / "star-1"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"name": "star"}))
+    ev, log = run / "events.jsonl", run / "log.csv"
+    ev.write_text(json.dumps({"event": "start", "summary": "s", "weight_updates": 5000}) + "\n")
+    log.write_text("update,loss,val_loss,lr\n1,0.5,,0.01\n")
+    st = read_run(run)
+    assert (st.name, st.weight_updates, len(st.rows), st.state) == ("star", 5000, 1, "running")
+    with open(ev, "a") as fh:
+        fh.write(json.dumps({"event": "update", "update": 2, "loss": 0.4}) + "\n" + '{"event": "upd')
+    with open(log, "a") as fh:
+        fh.write("2,0.4,0.45,0.01\n3,0.3")
+    st = read_run(run)
+    assert st.update == 2 and [r["update"] for r in st.rows] == ["1", "2"] and st.rows[1]["val_loss"] == "0.45"
+    with open(ev, "a") as fh:
+        fh.write('ate", "update": 3, "loss": 0.3}\n' + json.dumps({"event": "stopped", "message": "m"}) + "\n")
+    with open(log, "a") as fh:
+        fh.write(",,0.01\n")
+    st = read_run(run)
+    assert (st.update, st.state, [r["update"] for r in st.rows]) == (3, "stopped", ["1", "2", "3"])
+    log.write_text("update,loss,val_loss,lr\n1,0.5,,0.01\n")   # a resume rewrites log.csv up to its point
+    with open(ev, "a") as fh:
+        fh.write(json.dumps({"event": "start", "summary": "s", "weight_updates": 5000}) + "\n")
+    st = read_run(run)
+    assert (st.state, st.message, [r["update"] for r in st.rows]) == ("running", "", ["1"])
+
+    rows = [{"update": str(u), "loss": "0.1", "val_loss": "0.2" if u == 1234 else "", "lr": "0.01"}
+            for u in range(1, 5001)]
+    loss, lr = plot_frames(rows)
+    assert len(lr) <= 610 and lr["update"].iloc[-1] == 5000
+    assert ((loss["series"] == "validation loss") & (loss["update"] == 1234)).sum() == 1

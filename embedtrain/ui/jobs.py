@@ -13,8 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from embedtrain import EmbedtrainError
@@ -166,41 +167,95 @@ class JobManager:
         return p
 
 
+class _RunReader:
+    """Follows one run folder: only the lines appended to events.jsonl and log.csv since the last read
+    are parsed, so polling a long run costs the same at update 10 and at update 100000."""
+
+    def __init__(self, run: Path):
+        self.run = run
+        self.st = JobStatus("running", run_dir=str(run), name=run.name)
+        self.ev = (None, 0)      # (inode, bytes consumed) of events.jsonl
+        self.log = (None, 0)     # the same for log.csv
+        self.fields: list[str] | None = None
+        self.any_event = False
+
+    def _new_lines(self, path: Path, mark: tuple) -> tuple[list[str], tuple, bool]:
+        """Complete lines added since `mark`; `reset` when the file was replaced or truncated."""
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            return [], (None, 0), mark[0] is not None
+        inode, pos = mark
+        reset = inode is not None and (inode != info.st_ino or info.st_size < pos)
+        if reset or inode is None:
+            pos = 0
+        if info.st_size == pos:
+            return [], (info.st_ino, pos), reset
+        with open(path, "rb") as fh:
+            fh.seek(pos)
+            data = fh.read(info.st_size - pos)
+        end = data.rfind(b"\n") + 1          # a line being written right now waits for the next read
+        return data[:end].decode("utf-8", errors="replace").splitlines(), (info.st_ino, pos + end), reset
+
+    def read(self) -> JobStatus:
+        run, st = self.run, self.st
+        if st.name == run.name:
+            for name in ("config.json", "job.json"):
+                try:
+                    st.name = json.loads((run / name).read_text(encoding="utf-8")).get("name", run.name)
+                    break
+                except (FileNotFoundError, json.JSONDecodeError):
+                    pass
+        lines, self.ev, reset = self._new_lines(run / "events.jsonl", self.ev)
+        if reset:
+            self.__init__(run)
+            return self.read()
+        for line in lines:
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.any_event = True
+            kind = ev.get("event")
+            if kind == "start":
+                st.summary, st.weight_updates = ev.get("summary", ""), ev.get("weight_updates", 0)
+                st.state, st.message = "running", ""      # a resumed run starts again
+            elif kind == "update":
+                st.update, st.eta_s, st.loss = ev["update"], ev.get("eta_s"), ev.get("loss")
+                st.val_loss = ev.get("val_loss") or st.val_loss
+            elif kind in ("done", "stopped", "failed"):
+                st.state = {"done": "finished"}.get(kind, kind)
+                st.message, st.files = ev.get("message", ""), ev.get("files", [])
+                st.val_loss = ev.get("val_loss", st.val_loss)
+        lines, self.log, reset = self._new_lines(run / "log.csv", self.log)
+        if reset:   # a resume rewrites log.csv
+            st.rows, self.fields = [], None
+        if lines:
+            if self.fields is None:
+                self.fields, lines = next(csv.reader(lines[:1])), lines[1:]
+            st.rows = st.rows + list(csv.DictReader(lines, fieldnames=self.fields))
+        if (run / "previews").is_dir():
+            st.previews = [str(p) for p in sorted((run / "previews").glob("*.png"), key=lambda p: p.stat().st_mtime)]
+        out = replace(st)   # callers may change state/message; rows are shared read-only
+        if not self.any_event and not (run / "job.log").exists():
+            out.state = "unknown"
+        return out
+
+
+_READERS: dict[str, _RunReader] = {}
+_READERS_LOCK = threading.Lock()
+
+
 def read_run(run: Path) -> JobStatus:
     """The state of a run folder from its files alone (events.jsonl, log.csv, previews)."""
-    st = JobStatus("running", run_dir=str(run), name=run.name)
-    for name in ("config.json", "job.json"):
-        try:
-            st.name = json.loads((run / name).read_text(encoding="utf-8")).get("name", run.name)
-            break
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
-    events = []
-    if (run / "events.jsonl").exists():
-        for line in (run / "events.jsonl").read_text(encoding="utf-8").splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line being written right now
-    for ev in events:
-        kind = ev.get("event")
-        if kind == "start":
-            st.summary, st.weight_updates = ev.get("summary", ""), ev.get("weight_updates", 0)
-        elif kind == "update":
-            st.update, st.eta_s, st.loss = ev["update"], ev.get("eta_s"), ev.get("loss")
-            st.val_loss = ev.get("val_loss") or st.val_loss
-        elif kind in ("done", "stopped", "failed"):
-            st.state = {"done": "finished"}.get(kind, kind)
-            st.message, st.files = ev.get("message", ""), ev.get("files", [])
-            st.val_loss = ev.get("val_loss", st.val_loss)
-    if (run / "log.csv").exists():
-        with open(run / "log.csv", newline="", encoding="utf-8") as fh:
-            st.rows = list(csv.DictReader(fh))
-    if (run / "previews").is_dir():
-        st.previews = [str(p) for p in sorted((run / "previews").glob("*.png"), key=lambda p: p.stat().st_mtime)]
-    if not events and not (run / "job.log").exists():
-        st.state = "unknown"
-    return st
+    run = Path(run)
+    with _READERS_LOCK:
+        reader = _READERS.get(str(run))
+        if reader is None:
+            if len(_READERS) > 256:
+                _READERS.clear()
+            reader = _READERS[str(run)] = _RunReader(run)
+        return reader.read()
 
 
 def _tail(path: Path, n: int) -> str:

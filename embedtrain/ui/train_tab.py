@@ -9,6 +9,7 @@ status_view) are tested without a browser.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -145,8 +146,18 @@ def _bar(done: int, total: int, width: int = 30) -> str:
     return "█" * fill + "░" * (width - fill) + f" {frac:.0%}"
 
 
-def plot_frames(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """log.csv rows -> (loss frame in long form: update, value, series; lr frame: update, lr, series)."""
+PLOT_POINTS = 600   # a plot needs no more points per series than it has pixels
+
+
+def plot_frames(rows: list[dict], max_points: int = PLOT_POINTS) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """log.csv rows -> (loss frame in long form: update, value, series; lr frame: update, lr, series).
+
+    Long runs are thinned to about `max_points` rows (evenly spaced, always the last one, and every
+    row that carries a validation loss, which is rare and must not be dropped)."""
+    if len(rows) > max_points:
+        stride = -(-len(rows) // max_points)
+        rows = [r for i, r in enumerate(rows) if i % stride == 0 or i == len(rows) - 1
+                or r.get("val_loss") not in (None, "") or r.get("val_train_loss") not in (None, "")]
     loss, lr = [], []
     for r in rows:
         try:
@@ -370,10 +381,21 @@ def build(ctx) -> None:
     stop_btn.click(stop, None, message, api_name="stop")
     resume_btn.click(resume, resume_pick, message, api_name="resume")
 
+    view_cache = {"key": None, "out": None}
+    view_lock = threading.Lock()
+
     def poll():
-        v = status_view(ctx.jobs.status())
-        return (v["progress"], v["loss"], v["lr"], v["previews"], v["run"], v["files"] or None, v["summary"],
-                gr.update(interactive=not v["running"]))
+        # Every open page polls once a second; they all share one view per state of the run, so twenty
+        # pages cost about what one does (bench/bench_polling.py).
+        st = ctx.jobs.status()
+        key = (st.run_dir, st.state, st.update, len(st.rows), len(st.previews), st.message, st.weight_updates)
+        with view_lock:
+            if view_cache["key"] != key:
+                v = status_view(st)
+                view_cache["out"] = (v["progress"], v["loss"], v["lr"], v["previews"], v["run"], v["files"] or None,
+                                     v["summary"], gr.update(interactive=not v["running"]))
+                view_cache["key"] = key
+            return view_cache["out"]
 
     timer = gr.Timer(1.0)
     poll_outputs = [progress, loss_plot, lr_plot, previews, run_dir, files, summary, train_btn]
