@@ -147,6 +147,7 @@ def _bar(done: int, total: int, width: int = 30) -> str:
 
 
 PLOT_POINTS = 600   # a plot needs no more points per series than it has pixels
+PLOT_REFRESH_S = 2.0   # while a job runs, plots and previews are rebuilt at most this often
 
 
 def plot_frames(rows: list[dict], max_points: int = PLOT_POINTS) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -195,8 +196,8 @@ def running_config(jobs) -> TrainConfig | None:
     return None
 
 
-def status_view(st) -> dict:
-    """A JobStatus as the strings and frames the page shows."""
+def status_view(st, plots: bool = True) -> dict:
+    """A JobStatus as the strings and frames the page shows (`plots=False`: only the text parts)."""
     if st.state == "idle":
         return dict(progress="No job running. Fill the form and press **Train**.", loss=plot_frames([])[0],
                     lr=plot_frames([])[1], previews=[], files=[], run="", running=False, summary="")
@@ -213,6 +214,9 @@ def status_view(st) -> dict:
                                               if st.val_loss not in (None, "") else ""))
     if st.message:
         lines.append(("**Error:** " if st.state in ("failed", "crashed") else "") + st.message.replace("\n", "  \n"))
+    text = dict(progress="  \n".join(lines), running=st.state == "running", summary=st.summary)
+    if not plots:
+        return text
     loss, lr = plot_frames(st.rows)
     files = sorted(str(p) for p in Path(st.run_dir).glob("*") if p.suffix in (".safetensors", ".pt", ".json",
                                                                               ".csv", ".bin")) if st.run_dir else []
@@ -381,25 +385,35 @@ def build(ctx) -> None:
     stop_btn.click(stop, None, message, api_name="stop")
     resume_btn.click(resume, resume_pick, message, api_name="resume")
 
-    view_cache = {"key": None, "out": None}
+    # Every open page polls once a second. They share one view per state of the run, and the heavy
+    # parts (plots, previews, files) are rebuilt at most every PLOT_REFRESH_S while a job runs and
+    # sent to a page only when they changed since that page's last poll: twenty open pages cost the
+    # job a few percent (bench/bench_polling.py).
+    view = {"key": None, "light": None, "heavy": None, "heavy_key": None, "version": 0, "built": 0.0}
     view_lock = threading.Lock()
 
-    def poll():
-        # Every open page polls once a second; they all share one view per state of the run, so twenty
-        # pages cost about what one does (bench/bench_polling.py).
+    def poll(seen_version):
         st = ctx.jobs.status()
         key = (st.run_dir, st.state, st.update, len(st.rows), len(st.previews), st.message, st.weight_updates)
         with view_lock:
-            if view_cache["key"] != key:
-                v = status_view(st)
-                view_cache["out"] = (v["progress"], v["loss"], v["lr"], v["previews"], v["run"], v["files"] or None,
-                                     v["summary"], gr.update(interactive=not v["running"]))
-                view_cache["key"] = key
-            return view_cache["out"]
+            if view["key"] != key:
+                heavy_key = (st.run_dir, st.state, len(st.previews), st.message)
+                due = time.monotonic() - view["built"] >= PLOT_REFRESH_S
+                v = status_view(st, plots=heavy_key != view["heavy_key"] or due or not st.running)
+                view["light"] = (v["progress"], v["summary"], gr.update(interactive=not v["running"]))
+                if "loss" in v:
+                    view["heavy"] = (v["loss"], v["lr"], v["previews"], v["run"], v["files"] or None)
+                    view["heavy_key"], view["built"] = heavy_key, time.monotonic()
+                    view["version"] += 1
+                view["key"] = key
+            progress_, summary_, button = view["light"]
+            heavy = view["heavy"] if view["version"] != seen_version else (gr.skip(),) * 5
+            return (progress_, *heavy, summary_, button, view["version"])
 
+    seen = gr.State(-1)
     timer = gr.Timer(1.0)
-    poll_outputs = [progress, loss_plot, lr_plot, previews, run_dir, files, summary, train_btn]
-    timer.tick(poll, None, poll_outputs, show_progress="hidden", api_name="status")
+    poll_outputs = [progress, loss_plot, lr_plot, previews, run_dir, files, summary, train_btn, seen]
+    timer.tick(poll, seen, poll_outputs, show_progress="hidden", api_name="status")
 
     def refresh_history():
         frame = history_frame(ctx.jobs)
