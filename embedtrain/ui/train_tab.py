@@ -385,14 +385,13 @@ def build(ctx) -> None:
     stop_btn.click(stop, None, message, api_name="stop")
     resume_btn.click(resume, resume_pick, message, api_name="resume")
 
-    # Every open page polls once a second. They share one view per state of the run, and the heavy
-    # parts (plots, previews, files) are rebuilt at most every PLOT_REFRESH_S while a job runs and
-    # sent to a page only when they changed since that page's last poll: twenty open pages cost the
-    # job a few percent (bench/bench_polling.py).
-    view = {"key": None, "light": None, "heavy": None, "heavy_key": None, "version": 0, "built": 0.0}
+    # Every open page polls once a second. They share one view per state of the run, and its heavy
+    # parts (plots, previews, files) are rebuilt at most every PLOT_REFRESH_S while a job runs: twenty
+    # open pages cost the job a few percent (bench/bench_polling.py).
+    view = {"key": None, "light": None, "heavy": None, "heavy_key": None, "built": 0.0}
     view_lock = threading.Lock()
 
-    def poll(seen_version):
+    def poll():
         st = ctx.jobs.status()
         key = (st.run_dir, st.state, st.update, len(st.rows), len(st.previews), st.message, st.weight_updates)
         with view_lock:
@@ -404,16 +403,13 @@ def build(ctx) -> None:
                 if "loss" in v:
                     view["heavy"] = (v["loss"], v["lr"], v["previews"], v["run"], v["files"] or None)
                     view["heavy_key"], view["built"] = heavy_key, time.monotonic()
-                    view["version"] += 1
                 view["key"] = key
             progress_, summary_, button = view["light"]
-            heavy = view["heavy"] if view["version"] != seen_version else (gr.skip(),) * 5
-            return (progress_, *heavy, summary_, button, view["version"])
+            return (progress_, *view["heavy"], summary_, button)
 
-    seen = gr.State(-1)
     timer = gr.Timer(1.0)
-    poll_outputs = [progress, loss_plot, lr_plot, previews, run_dir, files, summary, train_btn, seen]
-    timer.tick(poll, seen, poll_outputs, show_progress="hidden", api_name="status")
+    poll_outputs = [progress, loss_plot, lr_plot, previews, run_dir, files, summary, train_btn]
+    timer.tick(poll, None, poll_outputs, show_progress="hidden", api_name="status")
 
     def refresh_history():
         frame = history_frame(ctx.jobs)
