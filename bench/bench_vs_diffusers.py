@@ -14,9 +14,9 @@ cancel out; the whole-process times are printed too. Peak memory is each process
 (wait4). Medians of `--repeats`. Targets: >= 1.5x the example's updates/s, no more peak memory.
 
 torchvision: the example imports it for one thing, `transforms.RandomHorizontalFlip` on a PIL image.
-Where the installed torchvision does not load (on this machine the wheels are CUDA builds that fail
-against the CPU torch), the benchmark puts a stand-in module with that one class (a PIL flip with
-probability p) on the example's path and says so; the work timed is unchanged.
+Where torchvision is not installed (on this machine its wheels are CUDA builds that fail against the
+CPU torch), the example runs under a small runner that provides that one class (a PIL flip with
+probability p) and says so; the work timed is unchanged.
 """
 
 from __future__ import annotations
@@ -33,9 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-FLIP_STAND_IN = '''"""Stand-in for torchvision.transforms written by bench_vs_diffusers.py: only RandomHorizontalFlip."""
-import random
-
+# Runs the example with a stand-in `torchvision.transforms.RandomHorizontalFlip` (a PIL flip with
+# probability p) put in sys.modules only after transformers and diffusers were imported, so their own
+# torchvision checks still see no torchvision and take their PIL paths.
+RUNNER = '''import random, runpy, sys, types
+import diffusers, transformers  # noqa: F401  (their torchvision checks run now, with none installed)
+from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 from PIL import Image
 
 
@@ -45,6 +48,14 @@ class RandomHorizontalFlip:
 
     def __call__(self, img):
         return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if random.random() < self.p else img
+
+
+tv, tr = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
+tr.RandomHorizontalFlip, tv.transforms = RandomHorizontalFlip, tr
+sys.modules.update({"torchvision": tv, "torchvision.transforms": tr})
+example = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(example, run_name="__main__")
 '''
 
 DIFFERENCES = """What differs in the work done per update (same model, data, BS, GA, LR, fp32, CPU):
@@ -117,13 +128,11 @@ def main(argv=None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
     ex_env = dict(env)
+    runner = []
     stand_in = ""
     if not torchvision_loads(ex_env):
-        shim = work / "shim" / "torchvision"
-        shim.mkdir(parents=True)
-        (shim / "__init__.py").write_text("")
-        (shim / "transforms.py").write_text(FLIP_STAND_IN)
-        ex_env["PYTHONPATH"] = str(shim.parent) + os.pathsep + ex_env["PYTHONPATH"]
+        (work / "run_example.py").write_text(RUNNER)
+        runner = [str(work / "run_example.py")]
         stand_in = " (torchvision does not load here: the example ran with the RandomHorizontalFlip stand-in)"
 
     def embedtrain_cmd(n: int, out: Path) -> list[str]:
@@ -134,7 +143,7 @@ def main(argv=None) -> int:
                 "--mixed-precision", "no", "--seed", "0"]
 
     def example_cmd(n: int, out: Path) -> list[str]:
-        return [sys.executable, str(example), "--pretrained_model_name_or_path", str(model_dir),
+        return [sys.executable, *runner, str(example), "--pretrained_model_name_or_path", str(model_dir),
                 "--train_data_dir", str(data), "--placeholder_token", "<zorb>", "--initializer_token", "circle",
                 "--learnable_property", "object", "--resolution", str(res),
                 "--train_batch_size", str(args.batch_size), "--gradient_accumulation_steps", str(args.grad_accum),
