@@ -48,68 +48,50 @@ def lr_at(step: int, total: int, base: float, warmup: int = 100, floor: float = 
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_vae(vae, steps: int, batch_size: int, seed: int, lr: float, log, device="cpu") -> list[float]:
+def train_vae(vae, steps: int, batch_size: int, seed: int, lr: float, log, device="cpu",
+              decoder_only: bool = False, deadline: float | None = None) -> list[float]:
+    """Train the VAE on fresh renders: MSE + L1, tiny KL; then freeze it.
+
+    `decoder_only`: train only the decoder (and post_quant_conv) with the encoder frozen. The latent
+    space is then the encoder's, so a UNet trained on it stays valid: this sharpens what the decoder
+    makes of the same latents (colours and small shapes are what an undertrained decoder gets wrong).
+    Its inputs are posterior samples, so the decoder also tolerates latents slightly off the means."""
     import torch
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    vae.train()
-    losses = []
-    for step in range(steps):
-        batch = images_to_tensor([render(complete(Spec(), rng)) for _ in range(batch_size)], device)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=50, floor=0.05)
-        post = vae.encode(batch).latent_dist
-        rec = vae.decode(post.sample()).sample
-        loss = torch.nn.functional.mse_loss(rec, batch) + 0.5 * (rec - batch).abs().mean() \
-            + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            log(f"vae step {step:5d}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    vae.eval()
-    vae.requires_grad_(False)
-    return losses
-
-
-def finetune_decoder(vae, steps: int, batch_size: int, seed: int, lr: float, log, device="cpu",
-                     deadline: float | None = None) -> list[float]:
-    """Train only the VAE decoder (and post_quant_conv) on fresh renders; the encoder stays frozen.
-
-    The latent space is the encoder's, so a UNet trained on it stays valid: this sharpens what the
-    decoder makes of the same latents (colours and small shapes are what an undertrained decoder gets
-    wrong). Inputs are posterior samples, so the decoder also tolerates latents slightly off the means.
-    """
-    import torch
-    rng = random.Random(seed)
-    vae.requires_grad_(False)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    for q in params:
-        q.requires_grad_(True)
+    if decoder_only:
+        vae.requires_grad_(False)
+        params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+        for q in params:
+            q.requires_grad_(True)
+        vae.eval()
+        vae.decoder.train()
+    else:
+        params = list(vae.parameters())
+        vae.train()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    vae.eval()
-    vae.decoder.train()
+    what = "decoder" if decoder_only else "vae"
     losses = []
     for step in range(steps):
         if deadline is not None and time.time() > deadline:
-            log(f"decoder: time budget reached after {step} updates")
+            log(f"{what}: time budget reached after {step} updates")
             break
         batch = images_to_tensor([render(complete(Spec(), rng)) for _ in range(batch_size)], device)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=20, floor=0.05)
-        with torch.no_grad():
-            z = vae.encode(batch).latent_dist.sample()
+            g["lr"] = lr_at(step, steps, lr, warmup=20 if decoder_only else 50, floor=0.05)
+        with torch.set_grad_enabled(not decoder_only):
+            post = vae.encode(batch).latent_dist
+            z = post.sample()
         rec = vae.decode(z).sample
         loss = torch.nn.functional.mse_loss(rec, batch) + 0.5 * (rec - batch).abs().mean()
+        if not decoder_only:
+            loss = loss + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
-            log(f"decoder step {step:5d}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
+            log(f"{what} step {step:5d}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
     vae.eval()
     vae.requires_grad_(False)
     return losses
@@ -128,8 +110,8 @@ def decoder_only(args, log=print) -> dict:
     before = vae_recon_accuracy(vae, args.seed + 15, device=dev)
     log(f"before: the judge reads {before:.1%} of 200 reconstructed renders right")
     torch.manual_seed(args.seed + 50)
-    losses = finetune_decoder(vae, args.decoder_steps, args.vae_batch_size, args.seed + 50, args.decoder_lr, log,
-                              dev, deadline=t0 + args.minutes * 60)
+    losses = train_vae(vae, args.decoder_steps, args.vae_batch_size, args.seed + 50, args.decoder_lr, log, dev,
+                       decoder_only=True, deadline=t0 + args.minutes * 60)
     after = vae_recon_accuracy(vae, args.seed + 15, device=dev)
     log(f"after {len(losses)} decoder updates: the judge reads {after:.1%}")
     stats.update(decoder_command="python -m embedtrain.demo.pretrain " + " ".join(sys.argv[1:]),

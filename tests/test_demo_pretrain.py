@@ -1,0 +1,42 @@
+"""The demo pretraining script end to end at toy scale: a run, a continuation, a decoder fine-tune."""
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_pretrain_continue_and_decoder_only_write_a_loadable_pipeline(tmp_path):
+    from embedtrain.demo import pretrain
+    from embedtrain.demo.score import load_demo_pipeline
+    out = tmp_path / "model"
+    common = ["--out", str(out), "--images", "16", "--batch-size", "2", "--vae-batch-size", "2", "--threads", "1",
+              "--minutes", "5"]
+    assert pretrain.cli([*common, "--vae-steps", "2", "--unet-steps", "3", "--offset-noise", "0.3"]) == 0
+    stats = json.loads((out / "pretrain_stats.json").read_text())
+    assert stats["finished"] and stats["unet_steps_done"] == 3 and stats["offset_noise"] == 0.3
+    scale = stats["scaling_factor"]
+    unet_before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    assert pretrain.cli([*common, "--continue", "--unet-steps", "2", "--lr", "5e-4"]) == 0
+    stats = json.loads((out / "pretrain_stats.json").read_text())
+    assert stats["unet_steps_done"] == 5 and [p["done"] for p in stats["unet_phase_log"]] == [3, 2]
+    assert stats["scaling_factor"] == scale          # a continuation keeps the latent space
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != unet_before
+    encoder_before = _encoder(out)
+
+    assert pretrain.cli([*common, "--decoder-only", "--decoder-steps", "2"]) == 0
+    stats = json.loads((out / "pretrain_stats.json").read_text())
+    assert stats["decoder_steps"] == 2 and "vae_recon_judge_accuracy_encoder_phase" in stats
+    after = _encoder(out)
+    assert all((after[k] == v).all() for k, v in encoder_before.items())   # the encoder is untouched
+    card = (out / "README.md").read_text()
+    assert "UNet phase 2: 2 of 2 planned updates" in card and "the VAE decoder alone" in card
+    pipe = load_demo_pipeline(str(out))
+    assert pipe.vae.config.scaling_factor == scale
+
+
+def _encoder(folder):
+    from safetensors.torch import load_file
+    weights = load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    return {k: v.clone() for k, v in weights.items() if k.startswith(("encoder.", "quant_conv."))}
