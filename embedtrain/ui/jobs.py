@@ -181,6 +181,7 @@ class _RunReader:
         self.log = (None, 0)     # the same for log.csv
         self.fields: list[str] | None = None
         self.any_event = False
+        self.named = False       # the embedding name has been read from config.json / job.json
 
     def _new_lines(self, path: Path, mark: tuple) -> tuple[list[str], tuple, bool]:
         """Complete lines added since `mark`; `reset` when the file was replaced or truncated."""
@@ -202,10 +203,11 @@ class _RunReader:
 
     def read(self) -> JobStatus:
         run, st = self.run, self.st
-        if st.name == run.name:
+        if not self.named:   # read once: the config does not change while a run is followed
             for name in ("config.json", "job.json"):
                 try:
                     st.name = json.loads((run / name).read_text(encoding="utf-8")).get("name", run.name)
+                    self.named = True
                     break
                 except (FileNotFoundError, json.JSONDecodeError):
                     pass
