@@ -75,6 +75,42 @@ def torchvision_loads(env: dict) -> bool:
     return probe.returncode == 0
 
 
+def vae_unet_flops(unet, vae, resolution: int) -> tuple[float, float]:
+    """FLOPs of one UNet forward (BS 1, 77 tokens) and of one VAE encode of a resolution x resolution image."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn) -> float:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    device = next(unet.parameters()).device
+    lat = unet.config.sample_size
+    x = torch.zeros(1, 4, lat, lat, device=device)
+    hidden = torch.zeros(1, 77, unet.config.cross_attention_dim, device=device)
+    image = torch.zeros(1, 3, resolution, resolution, device=device)
+    return (count(lambda: unet(x, torch.tensor([10], device=device), hidden)),
+            count(lambda: vae.encode(image)))
+
+
+def sd15_vae_unet_ratio() -> float:
+    """VAE encode / UNet forward FLOPs of SD 1.5 (its published configs) at 512 px, counted on the meta device."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=512)
+        unet_flops, vae_flops = vae_unet_flops(unet, vae, 512)
+    return vae_flops / unet_flops
+
+
 def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS in MiB) of one process."""
     with open(log, "w") as fh:
@@ -118,6 +154,10 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="embedtrain-vs-diffusers-"))
     pipe = build_pipeline(MID if args.size == "mid" else "demo")
     res = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    unet_flops, vae_flops = vae_unet_flops(pipe.unet, pipe.vae, res)
+    proportions = (f"VAE encode / UNet forward FLOPs: this model {vae_flops / unet_flops:.2f} "
+                   f"({unet_flops / 1e9:.2f} GFLOP UNet forward), SD 1.5 at 512 px {sd15_vae_unet_ratio():.2f}")
+    print(proportions, flush=True)
     model_dir = work / "model"
     pipe.save_pretrained(model_dir)
     del pipe
@@ -171,6 +211,7 @@ def main(argv=None) -> int:
     peak = {t: max(med(t, args.long, 1), med(t, args.short, 1)) for t in ("embedtrain", "example")}
     print(f"\n{args.size}-size model ({res} px), {args.images} images, BS {args.batch_size}, GA {args.grad_accum}, "
           f"fp32 CPU, {args.threads} threads; medians of {args.repeats}{stand_in}")
+    print(proportions)
     print(f"{'':<11} {'s/update':>9} {'updates/s':>10} {'whole run ' + str(args.long) + ' upd':>17} {'peak MiB':>9}")
     for t in ("embedtrain", "example"):
         print(f"{t:<11} {per[t]:>9.3f} {1 / per[t]:>10.3f} {med(t, args.long, 0):>15.1f} s {peak[t]:>9.1f}")

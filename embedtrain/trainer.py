@@ -30,6 +30,7 @@ from embedtrain.config import ConfigError, TrainConfig, add_arguments, config_fr
 
 LOG_COLUMNS = ["update", "batch", "epoch", "images_seen", "loss", "val_loss", "val_train_loss", "lr",
                "effective_lr", "time_s"]
+MAX_FP16_OVERFLOWS = 30  # fp16 loss scaling: overflowing retries of one update before it counts as a failure
 VAL_TIMESTEPS = 4  # fixed timesteps per validation image: a lower-variance estimate, still cheap
 
 
@@ -165,6 +166,14 @@ class Trainer:
     def encode_prompts(self, prompts: list[str]):
         return self.text_encoder(self.token_ids(prompts).to(self.device))[0]
 
+    def grad_scaler(self):
+        """A loss scaler for fp16 autocast (its narrow range underflows small gradients), else None:
+        fp32 and bf16 (fp32's range) need none."""
+        import torch
+        if self.autocast_dtype != torch.float16:
+            return None
+        return torch.amp.GradScaler(self.device.type)
+
     def _autocast(self):
         import contextlib
 
@@ -214,11 +223,18 @@ class Trainer:
                 noise.append(torch.randn(self.cache.mean.shape[2:], generator=g))
         if self.cache.std is not None:
             noise, post = noise[0::2], noise[1::2]
-            latents = self.cache.get(picks, flips, noise=torch.stack(post).to(self.device))
+            latents = self.cache.get(picks, flips, noise=self._to_device(torch.stack(post)))
         else:
             latents = self.cache.get(picks, flips)
-        return (latents, torch.stack(noise).to(self.device),
+        return (latents, self._to_device(torch.stack(noise)),
                 torch.tensor(timesteps, device=self.device), prompts)
+
+    def _to_device(self, t):
+        """A host tensor (noise drawn on the CPU, for the same numbers on any device) onto the device:
+        on CUDA through pinned memory, so the copy does not wait for the GPU's queue."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def fixed_loss(self, which: str = "val"):
         """Validation loss with fixed timesteps and fixed noise per image (DESIGN.md): two evaluations
@@ -363,6 +379,8 @@ class Trainer:
         status, message, files = "finished", "", []
         t_start, u_start = time.perf_counter(), update
         optimizers.set_mode(optimizer, True)
+        scaler = self.grad_scaler()
+        overflows = overflows_at_update = 0
         bar = _progress(plan.weight_updates, update, main)
         while update < plan.weight_updates:
             # 1. the learning rate is a pure function of the update index
@@ -373,7 +391,7 @@ class Trainer:
             for _ in range(cfg.grad_accum):
                 latents, noise, timesteps, prompts = self.batch_inputs(batch)
                 loss = self._loss(latents, noise, timesteps, prompts) / cfg.grad_accum
-                loss.backward()
+                (loss if scaler is None else scaler.scale(loss)).backward()
                 loss_sum += loss.detach()
                 batch += 1
             # 3. average across processes (no DDP wrapper: the only parameter is this tiny tensor)
@@ -382,7 +400,18 @@ class Trainer:
                 vectors.grad /= self.world
                 torch.distributed.all_reduce(loss_sum)
                 loss_sum /= self.world
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             loss_value = float(loss_sum)  # the one host sync per update: logging and the NaN check need it
+            if scaler is not None and math.isfinite(loss_value) and not torch.isfinite(vectors.grad).all():
+                # fp16: the scaled gradient overflowed. Not a failure: the scaler halves its scale and the
+                # update is made again on the next batch (the LR stays that of this update index).
+                overflows += 1
+                if overflows - overflows_at_update <= MAX_FP16_OVERFLOWS:
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                # else the scale collapsed: the gradient itself is not finite, a failure as in fp32
             if not math.isfinite(loss_value) or not torch.isfinite(vectors.grad).all():
                 if math.isfinite(loss_value):  # these vectors gave a finite loss; only their gradient is bad
                     kept, what = update, "the gradient became NaN or infinite"
@@ -402,8 +431,13 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_([vectors], cfg.max_grad_norm)
             if cfg.clip_grad_value > 0:
                 torch.nn.utils.clip_grad_value_([vectors], cfg.clip_grad_value)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            overflows_at_update = overflows
             if not torch.isfinite(vectors).all():  # a step can overflow even from a finite gradient
                 with torch.no_grad():
                     vectors.copy_(good)
@@ -452,6 +486,9 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if overflows and main:
+            self.log(f"  fp16 loss scaling: {overflows} update(s) redone after the scaled gradient overflowed "
+                     f"(final scale {scaler.get_scale():g})")
         if self.world > 1:  # prove the processes agree: every one must hold the same vectors
             gathered = [torch.zeros_like(vectors) for _ in range(self.world)]
             torch.distributed.all_gather(gathered, vectors.detach().contiguous())

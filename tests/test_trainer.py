@@ -124,6 +124,41 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_embedding(tiny_cfg, tmp_p
     torch.testing.assert_close(saved.vectors, t.token.vectors.detach())
 
 
+def _fp16_trainer(cfg, init_scale):
+    """A Trainer under fp16 autocast with loss scaling, on the CPU (fp16 autocast and GradScaler run there
+    too; the app offers fp16 on CUDA only): the CUDA fp16 path without a GPU."""
+    t = Trainer(cfg)
+    assert t.grad_scaler() is None   # fp32: no scaler
+    t.autocast_dtype = torch.float16
+    t.grad_scaler = lambda: torch.amp.GradScaler("cpu", init_scale=init_scale)
+    return t
+
+
+def test_fp16_loss_scaling_redoes_overflowing_updates_and_still_learns(tiny_cfg, tmp_path):
+    logged = []
+    t = _fp16_trainer(tiny_cfg.replace(steps=5), init_scale=2.0 ** 40)   # overflows until the scale falls
+    t.log = logged.append
+    before = t.token.vectors.detach().clone()
+    result = t.run(tmp_path / "run")
+    assert result.status == "finished" and result.updates == 5
+    redone = [line for line in logged if "fp16 loss scaling" in line]
+    assert redone and int(redone[0].split(":")[1].split()[0]) >= 10   # 2^40 -> below 2^30 takes >= 10 halvings
+    rows = read_log(tmp_path / "run")
+    assert [int(r["update"]) for r in rows] == [1, 2, 3, 4, 5] and all(math.isfinite(float(r["loss"])) for r in rows)
+    assert torch.isfinite(t.token.vectors).all() and not torch.equal(t.token.vectors.detach(), before)
+
+
+def test_fp16_scale_collapse_fails_and_keeps_the_last_good_embedding(tiny_cfg, tmp_path, monkeypatch):
+    import embedtrain.trainer as trainer_mod
+    monkeypatch.setattr(trainer_mod, "MAX_FP16_OVERFLOWS", 3)
+    t = _fp16_trainer(tiny_cfg.replace(steps=5), init_scale=2.0 ** 60)   # needs far more than 3 halvings
+    before = t.token.vectors.detach().clone()
+    result = t.run(tmp_path / "run")
+    assert result.status == "failed" and result.updates == 0
+    assert "gradient became NaN or infinite" in result.message
+    torch.testing.assert_close(t.token.vectors.detach(), before)
+
+
 def test_validation_loss_is_fixed_noise(tiny_cfg):
     t = Trainer(tiny_cfg.replace(val_split=0.25))
     assert len(t.val_samples) == 2

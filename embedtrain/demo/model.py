@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 # Sizes: the UNet/VAE/text-encoder hyper-parameters. `tiny` keeps the test suite fast; `demo` is the
-# size the pretrained demo model uses (64 px images, 16 x 16 latents).
+# size the pretrained demo model uses (64 px images, 16 x 16 latents). A dict passed to build_pipeline
+# may also set `layout="sd"` (SD 1.x's block order) and `vae_layers` (default 1).
 SIZES = {
     "tiny": dict(unet_channels=(16, 32), layers=1, cross_dim=32, heads=2, te_layers=1,
                  vae_channels=(16, 16), resolution=32, norm_groups=8),
@@ -133,12 +134,17 @@ def build_pipeline(size: str | dict = "tiny", words=BASE_WORDS, seed: int = 0, f
 
     torch.manual_seed(seed)
     n_down = len(s["unet_channels"])
+    if s.get("layout", "demo") == "sd":   # SD 1.x: cross-attention at every level but the lowest
+        down = ("CrossAttnDownBlock2D",) * (n_down - 1) + ("DownBlock2D",)
+        up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_down - 1)
+    else:                                 # demo/tiny: none at the full latent resolution
+        down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_down - 1)
+        up = ("CrossAttnUpBlock2D",) * (n_down - 1) + ("UpBlock2D",)
     unet = UNet2DConditionModel(
         sample_size=s["resolution"] // 2 ** (len(s["vae_channels"]) - 1),
         in_channels=4, out_channels=4,
         block_out_channels=s["unet_channels"], layers_per_block=s["layers"],
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_down - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n_down - 1) + ("UpBlock2D",),
+        down_block_types=down, up_block_types=up,
         cross_attention_dim=s["cross_dim"], attention_head_dim=s["heads"],
         norm_num_groups=s["norm_groups"],
     )
@@ -146,7 +152,7 @@ def build_pipeline(size: str | dict = "tiny", words=BASE_WORDS, seed: int = 0, f
     n_vae = len(s["vae_channels"])
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4,
-        block_out_channels=s["vae_channels"], layers_per_block=1,
+        block_out_channels=s["vae_channels"], layers_per_block=s.get("vae_layers", 1),
         down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
         norm_num_groups=s["norm_groups"], sample_size=s["resolution"],
     )
