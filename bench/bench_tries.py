@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 
+KEEP_BELOW = 0.95   # a try is kept only where it saves at least 5% of the update time, everywhere measured
+
+
 def apply(variant: str, trainer, pipe) -> None:
     import torch
     pipe.unet.to(memory_format=torch.channels_last if variant == "channels_last" else torch.contiguous_format)
@@ -53,6 +56,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-tries-"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU fp32; medians of {args.repeats} "
           f"repeats of {args.updates} updates (first 2 left out)")
+    results: dict[str, list] = {}
     print(f"{'model':<6} {'BS':>3} {'variant':<14} {'ms/update':>10} {'/ plain':>8} {'first update +s':>16}")
     for size in args.sizes.split(","):
         pipe = build(size)
@@ -82,6 +86,15 @@ def main(argv=None) -> int:
                 m = statistics.median(steady[v])
                 extra = max(first[v]) - base_first if v == "compile" else statistics.median(first[v]) - base_first
                 print(f"{size:<6} {bs:>3} {v:<14} {m * 1e3:>10.1f} {m / base:>8.3f} {extra:>16.1f}", flush=True)
+                results.setdefault(v, []).append((f"{size} BS {bs}", m / base, extra, base - m))
+    for v, rows in results.items():
+        if v == "plain":
+            continue
+        helps = all(r <= KEEP_BELOW for _, r, _, _ in rows)
+        pay = [f"{extra / gain:.0f}" if gain > 0 else "never" for _, _, extra, gain in rows]
+        print(f"verdict {v}: time ratio to plain {', '.join(f'{w} {r:.2f}' for w, r, _, _ in rows)}; "
+              f"{'helps (every ratio <= ' + str(KEEP_BELOW) + ')' if helps else 'no clear gain: not kept'}"
+              + (f"; its one-off cost pays back after {', '.join(pay)} updates" if v == "compile" else ""))
     return 0
 
 

@@ -332,7 +332,7 @@ class Trainer:
         `stop()` -> True asks for a graceful stop (the CLI sets it on SIGINT; the UI via a STOP file)."""
         import torch
 
-        from embedtrain import data, embedding, optimizers
+        from embedtrain import embedding, optimizers
         from embedtrain.schedules import build_schedule, describe
 
         cfg, plan, main = self.cfg, self.plan, self.rank == 0

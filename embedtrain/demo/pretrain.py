@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from embedtrain.demo.world import RESOLUTION, WORDS, caption, complete, pretraining_sample, render, Spec
+from embedtrain.demo.world import WORDS, caption, complete, pretraining_sample, render, Spec
 
 CARD_STATS = "pretrain_stats.json"
 
@@ -137,7 +137,6 @@ def decoder_only(args, log=print) -> dict:
 
 def vae_recon_accuracy(vae, seed: int, n: int = 200, device="cpu") -> float:
     """Fraction of reconstructed renders whose shape, colour and background the judge reads right."""
-    import numpy as np
     import torch
     from PIL import Image
     from embedtrain.demo.score import agrees, judge
@@ -304,18 +303,19 @@ def pretrain(args, log=print) -> dict:
     log(f"VAE done in {stats['minutes_vae']:.1f} min; the judge reads {stats['vae_recon_judge_accuracy']:.1%} "
         "of 200 reconstructed renders right")
 
-    samples, latents = encode_image_set(vae, args, stats, dev, log, t0)
+    samples, latents = encode_image_set(vae, args, stats, dev, log)
     unet_phase(pipe, samples, latents, args, stats, t0, deadline, log, dev)
     shutil.rmtree(tok_dir, ignore_errors=True)
     return stats
 
 
-def encode_image_set(vae, args, stats, dev, log, t0):
+def encode_image_set(vae, args, stats, dev, log):
     """2. The fixed image set (never the held-out purple star), encoded once with the VAE encoder.
 
     Posterior means (the KL weight is tiny, so the std is small). The first time, the latent scaling
     factor is set so latents have unit variance, as in SD; a continuation keeps the saved one."""
     import torch
+    t_encode = time.time()
     rng = random.Random(args.seed + 20)
     samples = [pretraining_sample(rng)[0] for _ in range(args.images)]
     latents = []
@@ -328,7 +328,7 @@ def encode_image_set(vae, args, stats, dev, log, t0):
         vae.register_to_config(scaling_factor=1.0 / latents.std().item())
         stats["scaling_factor"] = vae.config.scaling_factor
     latents = latents * vae.config.scaling_factor
-    log(f"encoded {len(samples)} images in {(time.time() - t0) / 60 - stats.get('minutes_vae', 0):.1f} min; "
+    log(f"encoded {len(samples)} images in {(time.time() - t_encode) / 60:.1f} min; "
         f"scaling factor {vae.config.scaling_factor:.4f}")
     return samples, latents
 
@@ -448,7 +448,7 @@ def continue_unet(args, log=print) -> dict:
     pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
     pipe.to(dev)
     pipe.vae.requires_grad_(False)
-    samples, latents = encode_image_set(pipe.vae, args, stats, dev, log, t0)
+    samples, latents = encode_image_set(pipe.vae, args, stats, dev, log)
     unet_phase(pipe, samples, latents, args, stats, t0, t0 + args.minutes * 60, log, dev)
     return stats
 
