@@ -245,8 +245,8 @@ def write_card(folder: Path, stats: dict, scores: dict | None) -> None:
            f"{stats.get('vae_recon_judge_accuracy', float('nan')):.1%} of the reconstructions right"]
           if stats.get("decoder_steps") else []),
         f"- {stats.get('images')} fixed renders encoded once; UNet + text encoder "
-        f"{stats.get('unet_steps_done')} of {stats.get('unet_steps')} planned updates of batch "
-        f"{stats.get('batch_size')}, AdamW lr {stats.get('lr')} (warmup 100, cosine to 10%), min-SNR-5 "
+        f"{stats.get('unet_steps_done')} updates of batch {stats.get('batch_size')} in all (phases below), "
+        f"AdamW (warmup, cosine to 10% of each phase's peak lr), min-SNR-5 "
         f"weighted epsilon loss, 10% empty captions, EMA 0.999 (saved weights)",
         *[f"- UNet phase {k + 1}: {ph['done']} of {ph['planned'] or '?'} planned updates of batch {ph['batch_size']}, "
           f"peak lr {ph['lr']}, offset noise {ph['offset_noise']}, loss {ph.get('loss_first', float('nan')):.4f} -> "
