@@ -94,6 +94,37 @@ def vae_unet_flops(unet, vae, resolution: int) -> tuple[float, float]:
             count(lambda: vae.encode(image)))
 
 
+def part_times(pipe, batch_size: int, resolution: int, repeats: int = 5) -> dict:
+    """Median seconds, on this machine, of the two parts that decide the ceiling: the work both tools do
+    (UNet forward + backward into the text embedding) and the one the example adds (a VAE encode)."""
+    import torch
+    unet, vae = pipe.unet, pipe.vae
+    lat = unet.config.sample_size
+    x = torch.randn(batch_size, 4, lat, lat)
+    t = torch.full((batch_size,), 500)
+    image = torch.randn(batch_size, 3, resolution, resolution)
+    hidden0 = torch.randn(batch_size, 77, unet.config.cross_attention_dim)
+
+    def unet_update():
+        hidden = hidden0.clone().requires_grad_(True)
+        unet(x, t, hidden).sample.pow(2).mean().backward()
+
+    def vae_encode():
+        with torch.no_grad():
+            vae.encode(image).latent_dist.sample()
+
+    out = {}
+    for name, fn in (("unet", unet_update), ("vae", vae_encode)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
 def sd15_vae_unet_ratio() -> float:
     """VAE encode / UNet forward FLOPs of SD 1.5 (its published configs) at 512 px, counted on the meta device."""
     import torch
@@ -157,6 +188,12 @@ def main(argv=None) -> int:
     unet_flops, vae_flops = vae_unet_flops(pipe.unet, pipe.vae, res)
     proportions = (f"VAE encode / UNet forward FLOPs: this model {vae_flops / unet_flops:.2f} "
                    f"({unet_flops / 1e9:.2f} GFLOP UNet forward), SD 1.5 at 512 px {sd15_vae_unet_ratio():.2f}")
+    pipe.unet.requires_grad_(False)   # frozen, as in both tools (not saved with the weights)
+    pipe.vae.requires_grad_(False)
+    parts = part_times(pipe, args.batch_size, res)
+    proportions += (f"\nmeasured here (BS {args.batch_size}): UNet forward + backward into the text embedding "
+                    f"{parts['unet'] * 1e3:.0f} ms, VAE encode {parts['vae'] * 1e3:.0f} ms: the most that latent caching "
+                    f"alone can buy on this machine is about {(parts['unet'] + parts['vae']) / parts['unet']:.2f}x")
     print(proportions, flush=True)
     model_dir = work / "model"
     pipe.save_pretrained(model_dir)

@@ -26,10 +26,15 @@ BENCHES = {
     "polling": ("bench_polling.py", ["--sessions", "20", "--window", "30"], ["--sessions", "20", "--window", "10"]),
     "grid": ("bench_grid.py", ["--model", "demo"], ["--model", "tiny", "--repeats", "1"]),
     "sweep": ("bench_sweep.py", [], ["--repeats", "1"]),
-    "diffusers": ("bench_vs_diffusers.py", [], ["--updates", "4", "--repeats", "1"]),
+    "diffusers": ("bench_vs_diffusers.py", ["--short", "4", "--long", "24", "--repeats", "3"],
+                  ["--updates", "4", "--repeats", "1"]),
+    "tries": ("bench_tries.py", ["--sizes", "mid", "--batch-sizes", "1,4", "--updates", "10", "--repeats", "2",
+                                 "--variants", "plain,channels_last"],
+              ["--sizes", "tiny", "--batch-sizes", "1", "--updates", "4", "--repeats", "1",
+               "--variants", "plain,channels_last"]),
 }
 # a line of a benchmark's output that states a figure against its target
-MARKERS = ("target", "met", "ratio", "skipped")
+MARKERS = ("target", "met", "ratio", "skipped", "verdict", "measured here")
 
 
 def main(argv=None) -> int:
