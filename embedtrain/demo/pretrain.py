@@ -253,8 +253,8 @@ def write_card(folder: Path, stats: dict, scores: dict | None) -> None:
           f"{ph.get('loss_last', float('nan')):.4f}" + ("" if ph.get("finished") else " (interrupted)")
           for k, ph in enumerate(stats.get("unet_phase_log", []))],
         *[f"- continued with `{c}`" for c in stats.get("continue_commands", [])],
-        f"- loss (min-SNR weighted, mean of last 100 updates): first {stats.get('loss_first', float('nan')):.4f}"
-        f", last {stats.get('loss_last', float('nan')):.4f}",
+        f"- loss (min-SNR weighted, mean of 100 updates): first {stats.get('loss_first', float('nan')):.4f}"
+        f", last {(stats.get('unet_phase_log') or [stats])[-1].get('loss_last', float('nan')):.4f}",
         f"- wall time {stats.get('minutes_total', 0):.1f} min on 2 CPU cores (VAE {stats.get('minutes_vae', 0):.1f} "
         f"min), {'finished' if stats.get('finished') else 'checkpoint of an unfinished run'}",
         "",
