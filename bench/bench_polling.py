@@ -63,9 +63,8 @@ def main(argv=None) -> int:
                 # What an open page's 1 s timer costs the server: one queued /status event (join, then its
                 # SSE stream to completion), over plain HTTP. gradio_client costs ~0.1 CPU-s per call on
                 # the client side, so 20 of them in this process would measure the clients, not the app.
-                # Stateless REST calls: each gets the full view (plots included), as a page opened
-                # afresh would; real pages hold a view version and are sent unchanged plots as skips,
-                # so this is the worst case.
+                # Each call gets the full view (plots included), as each open page's poll does: the pages
+                # share one view per state of the run, rebuilt at most every PLOT_REFRESH_S.
                 with httpx.Client(base_url=url, timeout=60) as http:
                     while not stop.is_set():
                         t = time.time()

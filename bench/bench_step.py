@@ -23,6 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+# SD 1.5's published sizes (its text encoder is CLIP ViT-L: 768 wide, 12 layers). Too big to run here;
+# bench_vs_diffusers.py counts its FLOPs on the meta device.
+SD15 = dict(unet_channels=(320, 640, 1280, 1280), layers=2, cross_dim=768, heads=8, te_layers=12,
+            vae_channels=(128, 256, 512, 512), vae_layers=2, resolution=512, norm_groups=32, layout="sd")
 # The mid-size model: SD 1.5 at a quarter of its width and resolution. SD 1.5's block layout and layer
 # counts, UNet channels 320/640/1280/1280 -> 80/160/320/320, VAE 128/256/512/512 -> 32/64/128/128
 # (8x down-sampling, 2 layers per block), text encoder 768 wide x 12 layers -> 256 x 4, 512 px -> 128 px.

@@ -126,19 +126,13 @@ def part_times(pipe, batch_size: int, resolution: int, repeats: int = 5) -> dict
 
 
 def sd15_vae_unet_ratio() -> float:
-    """VAE encode / UNet forward FLOPs of SD 1.5 (its published configs) at 512 px, counted on the meta device."""
+    """VAE encode / UNet forward FLOPs of SD 1.5 (its published sizes) at 512 px, counted on the meta device."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from bench_step import SD15
+    from embedtrain.demo.model import build_pipeline
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-            cross_attention_dim=768, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            sample_size=512)
-        unet_flops, vae_flops = vae_unet_flops(unet, vae, 512)
+        pipe = build_pipeline(SD15)
+        unet_flops, vae_flops = vae_unet_flops(pipe.unet, pipe.vae, SD15["resolution"])
     return vae_flops / unet_flops
 
 
