@@ -417,11 +417,11 @@ def unet_phase(pipe, samples, latents, args, stats, t0, deadline, log, dev) -> N
 
 def _phase_stats(stats, phase, args, total, step, done_before, losses, t0, finished=False):
     """Record a UNet phase in the stats (phase 0: the first run; 1, 2, ...: continuations)."""
+    loss = _loss_stats(losses)
     entry = dict(planned=total if total < 10 ** 9 else None, done=step, batch_size=args.batch_size, lr=args.lr,
-                 offset_noise=args.offset_noise, minutes=round((time.time() - t0) / 60, 2), finished=finished,
-                 **_loss_stats(losses))
+                 offset_noise=args.offset_noise, minutes=round((time.time() - t0) / 60, 2), finished=finished, **loss)
     if phase == 0:
-        stats.update(unet_steps=entry["planned"], offset_noise=args.offset_noise, **_loss_stats(losses))
+        stats.update(unet_steps=entry["planned"], offset_noise=args.offset_noise, **loss)
     phases = stats.setdefault("unet_phase_log", [])
     phases[phase:] = [entry]
     stats.update(unet_steps_done=done_before + step, finished=finished, unet_phases=phase + (1 if finished else 0),
@@ -473,7 +473,7 @@ def cli(argv=None) -> int:
     p.add_argument("--unet-steps", type=int, default=0, help="UNet updates; 0 = fit to --minutes")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="save the pipeline this often")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the committed model was trained on cuda: see its card)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the committed model was trained on a 2-core CPU: see its card)")
     p.add_argument("--offset-noise", type=float, default=0.2,
                    help="scale of the per-channel constant added to the UNet's training noise (0 = off)")
     p.add_argument("--continue", dest="cont", action="store_true",
@@ -488,14 +488,12 @@ def cli(argv=None) -> int:
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     log = lambda m: print(m, flush=True)   # noqa: E731
-    if args.cont or args.decoder_only:
-        if not (Path(args.out) / CARD_STATS).is_file():
-            raise SystemExit(f"--continue/--decoder-only: {args.out} holds no pipeline saved by this script")
+    if (args.cont or args.decoder_only) and not (Path(args.out) / CARD_STATS).is_file():
+        flag = "--continue" if args.cont else "--decoder-only"
+        raise SystemExit(f"{flag}: {args.out} holds no pipeline saved by this script")
     if args.cont:
         stats = continue_unet(args, log=log)
     elif args.decoder_only:
-        if not (Path(args.out) / CARD_STATS).is_file():
-            raise SystemExit(f"--decoder-only: {args.out} holds no pipeline saved by this script")
         stats = decoder_only(args, log=log)
     else:
         stats = pretrain(args, log=log)
