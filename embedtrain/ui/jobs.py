@@ -176,6 +176,11 @@ class _RunReader:
 
     def __init__(self, run: Path):
         self.run = run
+        self._start_over()
+
+    def _start_over(self) -> None:
+        """Forget what was read (the run's events.jsonl was replaced: a new run in the same folder)."""
+        run = self.run
         self.st = JobStatus("running", run_dir=str(run), name=run.name)
         self.ev = (None, 0)      # (inode, bytes consumed) of events.jsonl
         self.log = (None, 0)     # the same for log.csv
@@ -202,7 +207,12 @@ class _RunReader:
         return data[:end].decode("utf-8", errors="replace").splitlines(), (info.st_ino, pos + end), reset
 
     def read(self) -> JobStatus:
-        run, st = self.run, self.st
+        run = self.run
+        lines, self.ev, reset = self._new_lines(run / "events.jsonl", self.ev)
+        if reset:
+            self._start_over()
+            lines, self.ev, _ = self._new_lines(run / "events.jsonl", self.ev)
+        st = self.st
         if not self.named:   # read once: the config does not change while a run is followed
             for name in ("config.json", "job.json"):
                 try:
@@ -211,10 +221,6 @@ class _RunReader:
                     break
                 except (FileNotFoundError, json.JSONDecodeError):
                     pass
-        lines, self.ev, reset = self._new_lines(run / "events.jsonl", self.ev)
-        if reset:
-            self.__init__(run)
-            return self.read()
         for line in lines:
             try:
                 ev = json.loads(line)
