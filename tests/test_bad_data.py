@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embedtrain.data import MAX_PIXELS, DataError, open_image, scan_folder
+from embedtrain.data import DataError, open_image, scan_folder
 
 RES = 32
 RED, GREEN, BLUE, YELLOW, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 255, 255)

@@ -16,6 +16,11 @@ def test_pretrain_continue_and_decoder_only_write_a_loadable_pipeline(tmp_path):
     stats = json.loads((out / "pretrain_stats.json").read_text())
     assert stats["finished"] and stats["unet_steps_done"] == 3 and stats["offset_noise"] == 0.3
     scale = stats["scaling_factor"]
+    (out / "scores.json").write_text(json.dumps({"measured_on": pretrain.model_state(stats),
+                                                 "scores": {"seen": 0.5}, "status": "Status of 3 updates."}))
+    pretrain.write_card(out, stats)
+    card = (out / "README.md").read_text()
+    assert "- seen: 0.5" in card and "Status of 3 updates." in card and "Stale" not in card
     unet_before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
     assert pretrain.cli([*common, "--continue", "--unet-steps", "2", "--lr", "5e-4"]) == 0
@@ -23,6 +28,9 @@ def test_pretrain_continue_and_decoder_only_write_a_loadable_pipeline(tmp_path):
     assert stats["unet_steps_done"] == 5 and [p["done"] for p in stats["unet_phase_log"]] == [3, 2]
     assert stats["scaling_factor"] == scale          # a continuation keeps the latent space
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != unet_before
+    card = (out / "README.md").read_text()   # the scores survive the folder's replacement, marked stale
+    assert "**Stale:** measured on earlier weights (3 UNet updates, 0 decoder-only updates)" in card
+    assert "- seen: 0.5" in card and "Status of 3 updates." in card
     encoder_before = _encoder(out)
 
     assert pretrain.cli([*common, "--decoder-only", "--decoder-steps", "2"]) == 0
@@ -40,3 +48,23 @@ def _encoder(folder):
     from safetensors.torch import load_file
     weights = load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
     return {k: v.clone() for k, v in weights.items() if k.startswith(("encoder.", "quant_conv."))}
+
+
+def test_card_marks_scores_of_other_weights_and_reads_the_first_format(tmp_path):
+    from embedtrain.demo.pretrain import model_state, write_card
+    stats = {"unet_steps_done": 10, "decoder_steps": 0}
+    write_card(tmp_path, stats)
+    assert "Not measured yet" in (tmp_path / "README.md").read_text()
+    (tmp_path / "scores.json").write_text(json.dumps({"judge": 1.0}))    # the first format: scores alone
+    write_card(tmp_path, stats)
+    card = (tmp_path / "README.md").read_text()
+    assert "**Stale:** measured on earlier weights (not recorded)" in card and "- judge: 1.0" in card
+    (tmp_path / "scores.json").write_text(json.dumps({"measured_on": model_state(stats), "scores": {"judge": 1.0},
+                                                      "status": "All good."}))
+    write_card(tmp_path, stats)
+    card = (tmp_path / "README.md").read_text()
+    assert "Stale" not in card and card.rstrip().endswith("## Status\n\nAll good.")
+    write_card(tmp_path, {**stats, "decoder_steps": 5})                  # a decoder phase changes the weights
+    card = (tmp_path / "README.md").read_text()
+    assert "these have 10 UNet updates, 5 decoder-only updates" in card
+    assert "(Written about the earlier weights the scores above were measured on.)" in card

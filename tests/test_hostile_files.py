@@ -8,7 +8,6 @@ that passes means load_embedding refused a real attack, not a dud.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import pickle

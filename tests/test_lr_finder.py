@@ -275,7 +275,7 @@ def test_range_test_and_sweep_on_one_loaded_model(tiny_cfg, tmp_path, monkeypatc
     assert any("small validation set (2 images, one batch)" in w for w in saved["warnings"])
 
     # sweep: 3 candidates x 1 epoch (3 updates) on the same loaded model
-    sw = sweep(cfg, tmp_path / "sweep", candidates=[3e-2, 1e-1, 3e-1], epochs=1, trainer=trainer, log=_quiet)
+    sweep(cfg, tmp_path / "sweep", candidates=[3e-2, 1e-1, 3e-1], epochs=1, trainer=trainer, log=_quiet)
     assert len(loads) == 1  # the model was loaded once for the range test and all three candidates
     for name in ("sweep.csv", "sweep.json", "sweep.png"):
         assert (tmp_path / "sweep" / name).is_file(), name

@@ -31,6 +31,7 @@ from pathlib import Path
 from embedtrain.demo.world import WORDS, caption, complete, pretraining_sample, render, Spec
 
 CARD_STATS = "pretrain_stats.json"
+SCORES = "scores.json"      # {"measured_on": model_state(...), "scores": {label: value}, "status": markdown}
 
 
 def images_to_tensor(images, device="cpu"):
@@ -131,7 +132,7 @@ def decoder_only(args, log=print) -> dict:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     (out / CARD_STATS).write_text(json.dumps(stats, indent=2), encoding="utf-8")
-    write_card(out, stats, None)
+    write_card(out, stats)
     return stats
 
 
@@ -164,7 +165,9 @@ def save_pipeline(pipe, ema, out: Path, stats: dict, log) -> None:
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / CARD_STATS).write_text(json.dumps(stats, indent=2), encoding="utf-8")
-        write_card(tmp, stats, None)
+        if (out / SCORES).is_file():    # scores of earlier weights stay, shown as such by the card
+            shutil.copy2(out / SCORES, tmp / SCORES)
+        write_card(tmp, stats)
         old = None
         if out.exists():
             old = out.with_name(out.name + ".old")
@@ -200,8 +203,25 @@ class EMA:
             torch._foreach_add_(self.shadow, [p.detach() for p in self.params], alpha=1 - d)
 
 
-def write_card(folder: Path, stats: dict, scores: dict | None) -> None:
-    """README.md model card from the pretraining stats and (when measured) the scores."""
+def model_state(stats: dict) -> str:
+    """What the saved weights have been through: scores measured on another state are stale."""
+    return (f"{stats.get('unet_steps_done', 0)} UNet updates, "
+            f"{stats.get('decoder_steps', 0)} decoder-only updates")
+
+
+def read_scores(folder: Path) -> dict:
+    """The folder's scores.json as {"measured_on", "scores", "status"}; {} when not measured."""
+    path = Path(folder) / SCORES
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if "scores" not in saved:     # the first format: the scores alone, weights not recorded
+        saved = {"measured_on": None, "scores": saved}
+    return saved
+
+
+def write_card(folder: Path, stats: dict) -> None:
+    """README.md model card from the pretraining stats and the folder's scores.json (if measured)."""
     from embedtrain.demo.model import SIZES
     s = SIZES["demo"]
     lines = [
@@ -261,10 +281,20 @@ def write_card(folder: Path, stats: dict, scores: dict | None) -> None:
         "## Scores",
         "",
     ]
-    if scores:
-        lines += [f"- {k}: {v}" for k, v in scores.items()]
+    saved, now = read_scores(folder), model_state(stats)
+    measure = "`python -m embedtrain.demo.score --evaluate-model <this folder>`"
+    if not saved.get("scores"):
+        lines += [f"Not measured yet: {measure}."]
     else:
-        lines += ["Not measured yet: `python -m embedtrain.demo.score --evaluate-model <this folder>`."]
+        if saved.get("measured_on") != now:
+            lines += [f"**Stale:** measured on earlier weights ({saved.get('measured_on') or 'not recorded'}); "
+                      f"these have {now}. Measure again: {measure}.", ""]
+        lines += [f"- {k}: {v}" for k, v in saved["scores"].items()]
+    if saved.get("status"):
+        lines += ["", "## Status", ""]
+        if saved.get("measured_on") != now:
+            lines += ["(Written about the earlier weights the scores above were measured on.)", ""]
+        lines += [saved["status"].strip()]
     (Path(folder) / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -21,14 +21,14 @@ import argparse
 import colorsys
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from embedtrain.demo.world import (BACKGROUNDS, COLOURS, HELD_OUT, PALETTE, RESOLUTION, SHAPES, Spec,
+from embedtrain.demo.world import (BACKGROUNDS, COLOURS, HELD_OUT, RESOLUTION, SHAPES, Spec,
                                    shape_mask)
 
 DEMO_MODEL = Path(__file__).resolve().parents[2] / "assets" / "demo_model"
@@ -286,13 +286,22 @@ def _print_scores(scores: dict, as_json: bool) -> None:
 
 
 def evaluate_model(folder: Path, n_seen: int = 96, n: int = 8, embedding: str | None = None,
-                   ti_note: str = "") -> dict:
-    """Measure the model card's scores and rewrite the card (scores.json + README.md)."""
-    from embedtrain.demo.pretrain import CARD_STATS, write_card
+                   ti_note: str = "", status: str | None = None, log=print) -> dict:
+    """Measure the model card's scores and rewrite the card (scores.json + README.md).
+
+    Scores and status saved for these same weights are kept unless measured or given again; those of
+    earlier weights are dropped (a status describes the weights it was written about).
+    """
+    from embedtrain.demo.pretrain import CARD_STATS, SCORES, model_state, read_scores, write_card
     folder = Path(folder)
+    stats = json.loads((folder / CARD_STATS).read_text(encoding="utf-8"))
     pipe = load_demo_pipeline(str(folder))
-    scores_path = folder / "scores.json"
-    scores = json.loads(scores_path.read_text()) if scores_path.exists() else {}
+    saved = read_scores(folder)
+    same = saved.get("measured_on") == model_state(stats)
+    if saved and not same:
+        log(f"dropping the scores{' and status' if saved.get('status') else ''} of earlier weights "
+            f"({saved.get('measured_on') or 'not recorded'})")
+    scores = dict(saved.get("scores", {})) if same else {}
     scores["judge accuracy on 500 clean renders (shape, colour, background all right)"] = clean_accuracy()["all"]
     seen = seen_agreement(pipe, n=n_seen)
     scores[f"seen combinations, judge agrees on shape and colour ({n_seen} prompts 'a COLOUR SHAPE on a BG "
@@ -310,9 +319,10 @@ def evaluate_model(folder: Path, n_seen: int = 96, n: int = 8, embedding: str | 
         ti = fidelity(pipe, token, n=n, expand=expand)
         scores[f"after textual inversion ({ti_note or Path(embedding).name}): concept fidelity / editability"] = \
             f"{ti['concept_fidelity']} / {ti['editability']}"
-    scores_path.write_text(json.dumps(scores, indent=2), encoding="utf-8")
-    stats = json.loads((folder / CARD_STATS).read_text())
-    write_card(folder, stats, scores)
+    status = status if status is not None else (saved.get("status", "") if same else "")
+    (folder / SCORES).write_text(json.dumps({"measured_on": model_state(stats), "scores": scores,
+                                             "status": status}, indent=2), encoding="utf-8")
+    write_card(folder, stats)
     return scores
 
 
@@ -331,12 +341,19 @@ def cli(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--evaluate-model", metavar="FOLDER", help="measure the model card's scores and rewrite it")
     p.add_argument("--ti-note", default="", help="with --evaluate-model --embedding: how the embedding was trained")
+    p.add_argument("--status-file", help="with --evaluate-model: a markdown file whose text becomes the card's "
+                                          "Status section (kept on later evaluations of the same weights)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}")
     if args.evaluate_model:
+        status = None
+        if args.status_file:
+            if not Path(args.status_file).is_file():
+                p.error(f"--status-file {args.status_file!r}: no such file")
+            status = Path(args.status_file).read_text(encoding="utf-8")
         _print_scores(evaluate_model(Path(args.evaluate_model), n=args.n, embedding=args.embedding,
-                                     ti_note=args.ti_note), args.json)
+                                     ti_note=args.ti_note, status=status), args.json)
         return 0
     if not args.embedding and not args.token:
         p.error("give --embedding FILE (or --token WORD to score a word the model knows)")

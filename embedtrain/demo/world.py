@@ -19,7 +19,7 @@ import math
 import random
 import re
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
