@@ -259,3 +259,22 @@ def test_token_ids_are_the_tokenizers_and_are_cached(tiny_cfg):
     assert calls == []                      # all three were cached
     t.token_ids(["a red star"])
     assert calls == [(["a red star"],)]     # only the new prompt is tokenized
+
+
+def test_latent_cache_is_the_same_whatever_the_encode_batch():
+    """The trainer encodes cfg.batch_size images at a time (memory); the cached latents must not
+    depend on it: posterior means, mirrored views and a seeded 'once' sample alike."""
+    from PIL import Image
+
+    from embedtrain.data import LatentCache
+    from embedtrain.demo.model import build_pipeline
+    vae = build_pipeline("tiny").vae
+    images = [Image.new("RGB", (32, 32), (40 * i, 200 - 30 * i, 90)) for i in range(5)]
+    for im, i in zip(images, range(5)):
+        im.paste((250, 250, 250), (2 + i, 4, 12 + 2 * i, 20))       # asymmetric, so the mirror differs
+    for sampling in ("deterministic", "once"):
+        one = LatentCache(vae, images, "cpu", sampling, flip=True, seed=3, batch=1)
+        many = LatentCache(vae, images, "cpu", sampling, flip=True, seed=3, batch=8)
+        assert one.mean.shape[:3] == (2, 5, 4)
+        torch.testing.assert_close(one.mean, many.mean, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(one.get([0], [True]), one.get([0], [False]))
