@@ -7,15 +7,17 @@ accumulation and learning rate, fp32 on the CPU, each as its own process started
     python bench/bench_vs_diffusers.py --example PATH/textual_inversion.py [--size mid] [--batch-size 1]
 
 PATH is a local copy of diffusers' `examples/textual_inversion/textual_inversion.py` (never commit
-it); without `--example` the benchmark says it skipped. Updates per second are measured from two run
-lengths (`--short` and `--long` updates): (time(long) - time(short)) / (long - short) is the
-steady-state time per update, so imports, model loading and embedtrain's one-off latent caching
-cancel out; the whole-process times are printed too. Peak memory is each process's maximum RSS
-(wait4). Medians of `--repeats`. Targets: >= 1.5x the example's updates/s, no more peak memory.
+it); without `--example` the benchmark says it skipped. Both run under one small runner that stamps
+every optimizer step (torch's global step hook): the time per update is the median interval between
+consecutive weight updates inside the long runs (the first two left out), so imports, model loading
+and embedtrain's one-off latent caching stay out. The older estimate from two run lengths,
+(time(long) - time(short)) / (long - short), is printed as a cross-check; it read 1.18x and 0.99x
+in two sessions, process start-up varying by seconds. Peak memory is each process's
+maximum RSS (wait4). Medians of `--repeats`. Targets: >= 1.5x the example's updates/s, no more peak memory.
 
 torchvision: the example imports it for one thing, `transforms.RandomHorizontalFlip` on a PIL image.
 Where torchvision is not installed (on this machine its wheels are CUDA builds that fail against the
-CPU torch), the example runs under a small runner that provides that one class (a PIL flip with
+CPU torch), the runner also provides that one class to the example (a PIL flip with
 probability p) and says so; the work timed is unchanged.
 """
 
@@ -33,29 +35,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-# Runs the example with a stand-in `torchvision.transforms.RandomHorizontalFlip` (a PIL flip with
-# probability p) put in sys.modules only after transformers and diffusers were imported, so their own
-# torchvision checks still see no torchvision and take their PIL paths.
-RUNNER = '''import random, runpy, sys, types
-import diffusers, transformers  # noqa: F401  (their torchvision checks run now, with none installed)
-from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
-from PIL import Image
+# Both tools run under this one runner, started the same way. It stamps the time of every optimizer
+# step (torch's global step hook, one line per weight update to $BENCH_STEP_STAMPS), so the time per
+# update is the median interval between steps inside the run: loading, caching and process start-up
+# stay out of it. For the example where torchvision is not installed, it also provides a stand-in
+# `torchvision.transforms.RandomHorizontalFlip` (a PIL flip with probability p), put in sys.modules
+# only after transformers and diffusers were imported, so their own torchvision checks still see none.
+RUNNER = '''import os, random, runpy, sys, time, types
+from torch.optim.optimizer import register_optimizer_step_post_hook
+_stamps = open(os.environ["BENCH_STEP_STAMPS"], "w", buffering=1)
+register_optimizer_step_post_hook(
+    lambda opt, args, kwargs: _stamps.write(repr(time.perf_counter()) + "\\n"))
+if os.environ.get("BENCH_TORCHVISION_STAND_IN") == "1":
+    import diffusers, transformers  # noqa: F401  (their torchvision checks run now, with none installed)
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+    from PIL import Image
 
+    class RandomHorizontalFlip:
+        def __init__(self, p=0.5):
+            self.p = p
 
-class RandomHorizontalFlip:
-    def __init__(self, p=0.5):
-        self.p = p
+        def __call__(self, img):
+            return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if random.random() < self.p else img
 
-    def __call__(self, img):
-        return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if random.random() < self.p else img
-
-
-tv, tr = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
-tr.RandomHorizontalFlip, tv.transforms = RandomHorizontalFlip, tr
-sys.modules.update({"torchvision": tv, "torchvision.transforms": tr})
-example = sys.argv[1]
-sys.argv = sys.argv[1:]
-runpy.run_path(example, run_name="__main__")
+    tv, tr = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
+    tr.RandomHorizontalFlip, tv.transforms = RandomHorizontalFlip, tr
+    sys.modules.update({"torchvision": tv, "torchvision.transforms": tr})
+target, sys.argv = sys.argv[1], sys.argv[1:]
+if target.startswith("module:"):
+    runpy.run_module(target[len("module:"):], run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(target, run_name="__main__")
 '''
 
 DIFFERENCES = """What differs in the work done per update (same model, data, BS, GA, LR, fp32, CPU):
@@ -136,8 +146,10 @@ def sd15_vae_unet_ratio() -> float:
     return vae_flops / unet_flops
 
 
-def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one process."""
+def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MiB, median seconds between weight updates) of one process."""
+    stamps = log.parent / "step_stamps.txt"
+    env = dict(env, BENCH_STEP_STAMPS=str(stamps))
     with open(log, "w") as fh:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(log.parent))
@@ -147,7 +159,9 @@ def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[1]} failed (exit {proc.returncode}); its output is in {log}:\n"
                          + log.read_text()[-3000:])
-    return wall, usage.ru_maxrss / 1024
+    t = [float(x) for x in stamps.read_text().split()]
+    gaps = [b - a for a, b in zip(t[2:], t[3:])]   # the first updates warm up allocators and caches
+    return wall, usage.ru_maxrss / 1024, statistics.median(gaps) if gaps else float("nan")
 
 
 def main(argv=None) -> int:
@@ -199,22 +213,22 @@ def main(argv=None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
     ex_env = dict(env)
-    runner = []
+    runner = str(work / "runner.py")
+    (work / "runner.py").write_text(RUNNER)
     stand_in = ""
     if not torchvision_loads(ex_env):
-        (work / "run_example.py").write_text(RUNNER)
-        runner = [str(work / "run_example.py")]
+        ex_env["BENCH_TORCHVISION_STAND_IN"] = "1"
         stand_in = " (torchvision does not load here: the example ran with the RandomHorizontalFlip stand-in)"
 
     def embedtrain_cmd(n: int, out: Path) -> list[str]:
-        return [sys.executable, "-m", "embedtrain", "train", "--model", str(model_dir), "--data", str(data),
+        return [sys.executable, runner, "module:embedtrain", "train", "--model", str(model_dir), "--data", str(data),
                 "--name", "zorb", "--init-text", "circle", "--template", "object", "--resolution", str(res),
                 "--batch-size", str(args.batch_size), "--grad-accum", str(args.grad_accum), "--steps", str(n),
                 "--step-unit", "update", "--lr", str(args.lr), "--out", str(out), "--device", "cpu",
                 "--mixed-precision", "no", "--seed", "0"]
 
     def example_cmd(n: int, out: Path) -> list[str]:
-        return [sys.executable, *runner, str(example), "--pretrained_model_name_or_path", str(model_dir),
+        return [sys.executable, runner, str(example), "--pretrained_model_name_or_path", str(model_dir),
                 "--train_data_dir", str(data), "--placeholder_token", "<zorb>", "--initializer_token", "circle",
                 "--learnable_property", "object", "--resolution", str(res),
                 "--train_batch_size", str(args.batch_size), "--gradient_accumulation_steps", str(args.grad_accum),
@@ -231,14 +245,17 @@ def main(argv=None) -> int:
                 out = work / f"{tool}-{n}-{r}"
                 out.mkdir()
                 cmd = embedtrain_cmd(n, out) if tool == "embedtrain" else example_cmd(n, out)
-                wall, rss = timed(cmd, env if tool == "embedtrain" else ex_env, out / "output.log")
-                runs[(tool, n)].append((wall, rss))
-                print(f"repeat {r + 1}: {tool:<10} {n:>3} updates: {wall:6.1f} s, peak RSS {rss:7.1f} MiB", flush=True)
+                wall, rss, gap = timed(cmd, env if tool == "embedtrain" else ex_env, out / "output.log")
+                runs[(tool, n)].append((wall, rss, gap))
+                print(f"repeat {r + 1}: {tool:<10} {n:>3} updates: {wall:6.1f} s, peak RSS {rss:7.1f} MiB, "
+                      f"median {gap * 1e3:6.1f} ms between updates", flush=True)
 
     def med(tool, n, i):
         return statistics.median(x[i] for x in runs[(tool, n)])
 
-    per = {t: (med(t, args.long, 0) - med(t, args.short, 0)) / (args.long - args.short) for t in ("embedtrain", "example")}
+    per = {t: med(t, args.long, 2) for t in ("embedtrain", "example")}   # in-run step intervals, long runs
+    by_length = {t: (med(t, args.long, 0) - med(t, args.short, 0)) / (args.long - args.short)
+                 for t in ("embedtrain", "example")}
     peak = {t: max(med(t, args.long, 1), med(t, args.short, 1)) for t in ("embedtrain", "example")}
     print(f"\n{args.size}-size model ({res} px), {args.images} images, BS {args.batch_size}, GA {args.grad_accum}, "
           f"fp32 CPU, {args.threads} threads; medians of {args.repeats}{stand_in}")
@@ -249,6 +266,9 @@ def main(argv=None) -> int:
     speed = per["example"] / per["embedtrain"]
     mem = peak["embedtrain"] / peak["example"]
     print(f"updates/s embedtrain / example: {speed:.2f} (target >= 1.5: {'met' if speed >= 1.5 else 'NOT met'})")
+    print(f"cross-check from whole-process times, (t({args.long}) - t({args.short})) / {args.long - args.short}: "
+          f"embedtrain {by_length['embedtrain']:.3f} s, example {by_length['example']:.3f} s per update, ratio "
+          f"{by_length['example'] / by_length['embedtrain']:.2f} (noisier: process start-up varies by seconds)")
     print(f"peak memory embedtrain / example: {mem:.2f} (target <= 1.0: {'met' if mem <= 1.0 else 'NOT met'})")
     print(DIFFERENCES)
     return 0

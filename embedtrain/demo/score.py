@@ -309,15 +309,17 @@ def evaluate_model(folder: Path, n_seen: int = 96, n: int = 8, embedding: str | 
     scores["seen combinations: shape / colour / background right"] = \
         f"{seen['shape']} / {seen['colour']} / {seen['background']}"
     base = fidelity(pipe, HELD_OUT[1], n=n)
-    scores[f"held-out {' '.join(HELD_OUT)}, init text '{HELD_OUT[1]}' before training: concept fidelity / "
-           "editability"] = f"{base['concept_fidelity']} / {base['editability']}"
+    scores[f"held-out {' '.join(HELD_OUT)}, init text '{HELD_OUT[1]}' before training ({n} seeds per prompt): "
+           "concept fidelity / editability"] = f"{base['concept_fidelity']} / {base['editability']}"
     words = fidelity(pipe, " ".join(HELD_OUT), n=n)
-    scores[f"held-out concept prompted by its words '{' '.join(HELD_OUT)}': concept fidelity / editability"] = \
+    scores[f"held-out concept prompted by its words '{' '.join(HELD_OUT)}' ({n} seeds per prompt): concept "
+           "fidelity / editability"] = \
         f"{words['concept_fidelity']} / {words['editability']}"
     if embedding:
         token, expand = load_embedding_into(pipe, embedding)
         ti = fidelity(pipe, token, n=n, expand=expand)
-        scores[f"after textual inversion ({ti_note or Path(embedding).name}): concept fidelity / editability"] = \
+        scores[f"after textual inversion ({ti_note or Path(embedding).name}; {n} seeds per prompt): concept "
+               "fidelity / editability"] = \
             f"{ti['concept_fidelity']} / {ti['editability']}"
     status = status if status is not None else (saved.get("status", "") if same else "")
     (folder / SCORES).write_text(json.dumps({"measured_on": model_state(stats), "scores": scores,
