@@ -109,12 +109,8 @@ class Trainer:
                               "the embedding would never be trained; use a template with [name]")
 
         t0 = time.perf_counter()
-        # encoded cfg.batch_size images at a time: caching is never the run's memory peak (a batch of 8 was,
-        # on small UNets: bench_vs_diffusers' peak RSS), and the VAE is done before the first update anyway
-        self.cache = data.LatentCache(self.vae, [s.image for s in self.train_samples], self.device,
-                                      cfg.latent_sampling, cfg.flip, cfg.seed, batch=cfg.batch_size)
-        self.val_cache = data.LatentCache(self.vae, [s.image for s in self.val_samples], self.device,
-                                          batch=cfg.batch_size) if self.val_samples else None
+        self.cache = self._latent_cache(self.train_samples, cfg.latent_sampling, cfg.flip, cfg.seed)
+        self.val_cache = self._latent_cache(self.val_samples) if self.val_samples else None
         self.cache_seconds = time.perf_counter() - t0
         self._val_fixed = {}
 
@@ -231,6 +227,12 @@ class Trainer:
         return (latents, self._to_device(torch.stack(noise)),
                 torch.tensor(timesteps, device=self.device), prompts)
 
+    def _latent_cache(self, samples, *args):
+        """The samples' VAE latents, encoded cfg.batch_size images at a time: caching is then never the run's
+        memory peak (a batch of 8 was, on small UNets: bench_vs_diffusers' peak RSS)."""
+        from embedtrain.data import LatentCache
+        return LatentCache(self.vae, [s.image for s in samples], self.device, *args, batch=self.cfg.batch_size)
+
     def _to_device(self, t):
         """A host tensor (noise drawn on the CPU, for the same numbers on any device) onto the device:
         on CUDA through pinned memory, so the copy does not wait for the GPU's queue."""
@@ -242,15 +244,14 @@ class Trainer:
         """Validation loss with fixed timesteps and fixed noise per image (DESIGN.md): two evaluations
         differ only because the embedding changed. `which="train"` is the stabilized training loss."""
         import torch
-        from embedtrain.data import LatentCache, make_prompt
+        from embedtrain.data import make_prompt
         if which == "val":
             samples, cache = self.val_samples, self.val_cache
         else:
             k = min(self.cfg.val_train_subset, len(self.train_samples))
             samples = self.train_samples[:k]
             if "train_cache" not in self._val_fixed:
-                self._val_fixed["train_cache"] = LatentCache(self.vae, [s.image for s in samples], self.device,
-                                                             batch=self.cfg.batch_size)
+                self._val_fixed["train_cache"] = self._latent_cache(samples)
             cache = self._val_fixed["train_cache"]
         if not samples:
             return None

@@ -209,6 +209,11 @@ def model_state(stats: dict) -> str:
             f"{stats.get('decoder_steps', 0)} decoder-only updates")
 
 
+def scores_current(saved: dict, stats: dict) -> bool:
+    """Whether scores read by read_scores were measured on the weights `stats` describes."""
+    return saved.get("measured_on") == model_state(stats)
+
+
 def read_scores(folder: Path) -> dict:
     """The folder's scores.json as {"measured_on", "scores", "status"}; {} when not measured."""
     path = Path(folder) / SCORES
@@ -281,18 +286,19 @@ def write_card(folder: Path, stats: dict) -> None:
         "## Scores",
         "",
     ]
-    saved, now = read_scores(folder), model_state(stats)
+    saved = read_scores(folder)
+    stale = not scores_current(saved, stats)
     measure = "`python -m embedtrain.demo.score --evaluate-model <this folder>`"
     if not saved.get("scores"):
         lines += [f"Not measured yet: {measure}."]
     else:
-        if saved.get("measured_on") != now:
+        if stale:
             lines += [f"**Stale:** measured on earlier weights ({saved.get('measured_on') or 'not recorded'}); "
-                      f"these have {now}. Measure again: {measure}.", ""]
+                      f"these have {model_state(stats)}. Measure again: {measure}.", ""]
         lines += [f"- {k}: {v}" for k, v in saved["scores"].items()]
     if saved.get("status"):
         lines += ["", "## Status", ""]
-        if saved.get("measured_on") != now:
+        if stale:
             lines += ["(Written about the earlier weights the scores above were measured on.)", ""]
         lines += [saved["status"].strip()]
     (Path(folder) / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

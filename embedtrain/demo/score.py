@@ -292,12 +292,12 @@ def evaluate_model(folder: Path, n_seen: int = 96, n: int = 8, embedding: str | 
     Scores and status saved for these same weights are kept unless measured or given again; those of
     earlier weights are dropped (a status describes the weights it was written about).
     """
-    from embedtrain.demo.pretrain import CARD_STATS, SCORES, model_state, read_scores, write_card
+    from embedtrain.demo.pretrain import CARD_STATS, SCORES, model_state, read_scores, scores_current, write_card
     folder = Path(folder)
     stats = json.loads((folder / CARD_STATS).read_text(encoding="utf-8"))
     pipe = load_demo_pipeline(str(folder))
     saved = read_scores(folder)
-    same = saved.get("measured_on") == model_state(stats)
+    same = scores_current(saved, stats)
     if saved and not same:
         log(f"dropping the scores{' and status' if saved.get('status') else ''} of earlier weights "
             f"({saved.get('measured_on') or 'not recorded'})")
