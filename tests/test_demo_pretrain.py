@@ -35,11 +35,19 @@ def test_pretrain_continue_and_decoder_only_write_a_loadable_pipeline(tmp_path):
 
     assert pretrain.cli([*common, "--decoder-only", "--decoder-steps", "2"]) == 0
     stats = json.loads((out / "pretrain_stats.json").read_text())
-    assert stats["decoder_steps"] == 2 and "vae_recon_judge_accuracy_encoder_phase" in stats
+    assert stats["decoder_steps"] == 2 and [ph["steps"] for ph in stats["decoder_phase_log"]] == [2]
+    assert pretrain.cli([*common, "--decoder-only", "--decoder-steps", "3", "--decoder-lr", "1e-4"]) == 0
+    stats = json.loads((out / "pretrain_stats.json").read_text())     # a second phase adds to the first
+    first, second = stats["decoder_phase_log"]
+    assert stats["decoder_steps"] == 5 and (first["steps"], second["steps"], second["lr"]) == (2, 3, 1e-4)
+    assert second["recon_before"] == first["recon_after"] and stats["vae_recon_judge_accuracy"] == second["recon_after"]
     after = _encoder(out)
     assert all((after[k] == v).all() for k, v in encoder_before.items())   # the encoder is untouched
     card = (out / "README.md").read_text()
-    assert "UNet phase 2: 2 of 2 planned updates" in card and "the VAE decoder alone" in card
+    assert "UNet phase 2: 2 of 2 planned updates" in card
+    assert "the VAE decoder alone, phase 1" in card and "the VAE decoder alone, phase 2" in card
+    assert "--decoder-lr 1e-4" in card and "min of decoder-only phases" in card
+    assert "(5 UNet updates, 0 decoder-only updates)" in card              # scores of before the decoder: stale
     pipe = load_demo_pipeline(str(out))
     assert pipe.vae.config.scaling_factor == scale
 
@@ -68,3 +76,15 @@ def test_card_marks_scores_of_other_weights_and_reads_the_first_format(tmp_path)
     card = (tmp_path / "README.md").read_text()
     assert "these have 10 UNet updates, 5 decoder-only updates" in card
     assert "(Written about the earlier weights the scores above were measured on.)" in card
+
+
+def test_a_card_saved_before_decoder_phases_were_logged_reads_its_one_phase():
+    from embedtrain.demo.pretrain import decoder_minutes, decoder_phases, vae_recon_first
+    flat = {"decoder_steps": 452, "decoder_command": "python -m embedtrain.demo.pretrain --decoder-only",
+            "decoder_batch_size": 16, "decoder_lr": 5e-4, "decoder_loss": 0.037, "minutes_decoder": 9.2,
+            "vae_recon_judge_accuracy_encoder_phase": 0.695, "vae_recon_judge_accuracy": 0.85}
+    (phase,) = decoder_phases(flat)
+    assert (phase["steps"], phase["recon_before"], phase["recon_after"], phase["minutes"]) == (452, 0.695, 0.85, 9.2)
+    assert vae_recon_first(flat) == 0.695 and decoder_minutes(flat) == ", plus 9.2 min of decoder-only phases"
+    assert decoder_phases({"vae_recon_judge_accuracy": 0.7}) == [] and vae_recon_first({"vae_recon_judge_accuracy": 0.7}) == 0.7
+    assert decoder_minutes({}) == ""

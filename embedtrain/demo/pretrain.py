@@ -115,11 +115,14 @@ def decoder_only(args, log=print) -> dict:
                        decoder_only=True, deadline=t0 + args.minutes * 60)
     after = vae_recon_accuracy(vae, args.seed + 15, device=dev)
     log(f"after {len(losses)} decoder updates: the judge reads {after:.1%}")
-    stats.update(decoder_command="python -m embedtrain.demo.pretrain " + " ".join(sys.argv[1:]),
-                 decoder_steps=len(losses), decoder_batch_size=args.vae_batch_size, decoder_lr=args.decoder_lr,
-                 decoder_loss=sum(losses[-50:]) / max(1, len(losses[-50:])),
-                 vae_recon_judge_accuracy_encoder_phase=before, vae_recon_judge_accuracy=after,
-                 minutes_decoder=(time.time() - t0) / 60)
+    phases = decoder_phases(stats) + [dict(
+        command="python -m embedtrain.demo.pretrain " + " ".join(sys.argv[1:]), steps=len(losses),
+        batch_size=args.vae_batch_size, lr=args.decoder_lr, loss=sum(losses[-50:]) / max(1, len(losses[-50:])),
+        recon_before=before, recon_after=after, minutes=(time.time() - t0) / 60)]
+    for key in LEGACY_DECODER_KEYS:
+        stats.pop(key, None)
+    stats.update(decoder_phase_log=phases, decoder_steps=sum(ph["steps"] for ph in phases),
+                 vae_recon_judge_accuracy=after)
     tmp = Path(tempfile.mkdtemp(prefix="vae.tmp-", dir=out))
     try:
         vae.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
@@ -134,6 +137,35 @@ def decoder_only(args, log=print) -> dict:
     (out / CARD_STATS).write_text(json.dumps(stats, indent=2), encoding="utf-8")
     write_card(out, stats)
     return stats
+
+
+LEGACY_DECODER_KEYS = ("decoder_command", "decoder_batch_size", "decoder_lr", "decoder_loss",
+                       "vae_recon_judge_accuracy_encoder_phase", "minutes_decoder")
+
+
+def decoder_phases(stats: dict) -> list[dict]:
+    """The decoder-only phases run so far, oldest first. Stats saved before phases were recorded
+    hold their one phase in flat keys (LEGACY_DECODER_KEYS); they are read as phase 1."""
+    if "decoder_phase_log" in stats:
+        return list(stats["decoder_phase_log"])
+    if not stats.get("decoder_steps"):
+        return []
+    return [dict(command=stats.get("decoder_command", ""), steps=stats["decoder_steps"],
+                 batch_size=stats.get("decoder_batch_size"), lr=stats.get("decoder_lr"),
+                 loss=stats.get("decoder_loss"), recon_before=stats.get("vae_recon_judge_accuracy_encoder_phase"),
+                 recon_after=stats.get("vae_recon_judge_accuracy"), minutes=stats.get("minutes_decoder", 0))]
+
+
+def vae_recon_first(stats: dict) -> float:
+    """The judge's reading of reconstructions after the VAE phase, before any decoder-only phase."""
+    phases = decoder_phases(stats)
+    return phases[0]["recon_before"] if phases else stats.get("vae_recon_judge_accuracy", float("nan"))
+
+
+def decoder_minutes(stats: dict) -> str:
+    """The card's words for the decoder-only phases' time, which minutes_total does not include."""
+    m = sum(ph["minutes"] for ph in decoder_phases(stats))
+    return f", plus {m:.1f} min of decoder-only phases" if m else ""
 
 
 def vae_recon_accuracy(vae, seed: int, n: int = 200, device="cpu") -> float:
@@ -261,14 +293,11 @@ def write_card(folder: Path, stats: dict) -> None:
         f"- command: `{stats.get('command', '')}`",
         f"- seed {stats.get('seed')}; VAE {stats.get('vae_steps')} updates of batch {stats.get('vae_batch_size')} "
         f"(final loss {stats.get('vae_loss', float('nan')):.4f}; the judge reads "
-        f"{stats.get('vae_recon_judge_accuracy_encoder_phase', stats.get('vae_recon_judge_accuracy', float('nan'))):.1%}"
-        " of 200 reconstructed renders right)",
-        *([f"- then the VAE decoder alone (encoder frozen, so the UNet's latent space is unchanged): "
-           f"{stats['decoder_steps']} updates of batch {stats.get('decoder_batch_size')}, lr {stats.get('decoder_lr')}, "
-           f"{stats.get('minutes_decoder', 0):.1f} min (`{stats.get('decoder_command', '')}`); the judge reads "
-           f"{stats.get('vae_recon_judge_accuracy_encoder_phase', float('nan')):.1%} -> "
-           f"{stats.get('vae_recon_judge_accuracy', float('nan')):.1%} of the reconstructions right"]
-          if stats.get("decoder_steps") else []),
+        f"{vae_recon_first(stats):.1%} of 200 reconstructed renders right)",
+        *[f"- then the VAE decoder alone, phase {k + 1} (encoder frozen, so the UNet's latent space is unchanged): "
+          f"{ph['steps']} updates of batch {ph['batch_size']}, lr {ph['lr']}, {ph['minutes']:.1f} min "
+          f"(`{ph['command']}`); the judge reads {ph['recon_before']:.1%} -> {ph['recon_after']:.1%} of the "
+          f"reconstructions right" for k, ph in enumerate(decoder_phases(stats))],
         f"- {stats.get('images')} fixed renders encoded once; UNet + text encoder "
         f"{stats.get('unet_steps_done')} updates of batch {stats.get('batch_size')} in all (phases below), "
         f"AdamW (warmup, cosine to 10% of each phase's peak lr), min-SNR-5 "
@@ -281,7 +310,7 @@ def write_card(folder: Path, stats: dict) -> None:
         f"- loss (min-SNR weighted, mean of 100 updates): first {stats.get('loss_first', float('nan')):.4f}"
         f", last {(stats.get('unet_phase_log') or [stats])[-1].get('loss_last', float('nan')):.4f}",
         f"- wall time {stats.get('minutes_total', 0):.1f} min on 2 CPU cores (VAE {stats.get('minutes_vae', 0):.1f} "
-        f"min), {'finished' if stats.get('finished') else 'checkpoint of an unfinished run'}",
+        f"min){decoder_minutes(stats)}, {'finished' if stats.get('finished') else 'checkpoint of an unfinished run'}",
         "",
         "## Scores",
         "",
