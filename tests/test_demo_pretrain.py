@@ -47,7 +47,7 @@ def test_pretrain_continue_and_decoder_only_write_a_loadable_pipeline(tmp_path):
     assert "UNet phase 2: 2 of 2 planned updates" in card
     assert "the VAE decoder alone, phase 1" in card and "the VAE decoder alone, phase 2" in card
     assert "--decoder-lr 1e-4" in card and "min of decoder-only phases" in card
-    assert "(5 UNet updates, 0 decoder-only updates)" in card              # scores of before the decoder: stale
+    assert "these have 5 UNet updates, 5 decoder-only updates" in card     # the scores of 3 updates: still stale
     pipe = load_demo_pipeline(str(out))
     assert pipe.vae.config.scaling_factor == scale
 

@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import shutil
 import sys
 import tempfile
@@ -116,7 +117,7 @@ def decoder_only(args, log=print) -> dict:
     after = vae_recon_accuracy(vae, args.seed + 15, device=dev)
     log(f"after {len(losses)} decoder updates: the judge reads {after:.1%}")
     phases = decoder_phases(stats) + [dict(
-        command="python -m embedtrain.demo.pretrain " + " ".join(sys.argv[1:]), steps=len(losses),
+        command=args.command, steps=len(losses),
         batch_size=args.vae_batch_size, lr=args.decoder_lr, loss=sum(losses[-50:]) / max(1, len(losses[-50:])),
         recon_before=before, recon_after=after, minutes=(time.time() - t0) / 60)]
     for key in LEGACY_DECODER_KEYS:
@@ -150,10 +151,11 @@ def decoder_phases(stats: dict) -> list[dict]:
         return list(stats["decoder_phase_log"])
     if not stats.get("decoder_steps"):
         return []
+    nan = float("nan")
     return [dict(command=stats.get("decoder_command", ""), steps=stats["decoder_steps"],
                  batch_size=stats.get("decoder_batch_size"), lr=stats.get("decoder_lr"),
-                 loss=stats.get("decoder_loss"), recon_before=stats.get("vae_recon_judge_accuracy_encoder_phase"),
-                 recon_after=stats.get("vae_recon_judge_accuracy"), minutes=stats.get("minutes_decoder", 0))]
+                 loss=stats.get("decoder_loss", nan), recon_before=stats.get("vae_recon_judge_accuracy_encoder_phase", nan),
+                 recon_after=stats.get("vae_recon_judge_accuracy", nan), minutes=stats.get("minutes_decoder", 0))]
 
 
 def vae_recon_first(stats: dict) -> float:
@@ -351,7 +353,7 @@ def pretrain(args, log=print) -> dict:
     pipe.to(dev)
     unet, vae, te = pipe.unet, pipe.vae, pipe.text_encoder
     count = lambda m: sum(p.numel() for p in m.parameters())
-    stats = dict(command="python -m embedtrain.demo.pretrain " + " ".join(sys.argv[1:]), seed=args.seed,
+    stats = dict(command=args.command, seed=args.seed,
                  unet_params=count(unet), vae_params=count(vae), te_params=count(te),
                  vae_steps=args.vae_steps, vae_batch_size=args.vae_batch_size, images=args.images,
                  batch_size=args.batch_size, lr=args.lr, unet_steps=args.unet_steps, finished=False,
@@ -508,7 +510,7 @@ def continue_unet(args, log=print) -> dict:
                                         offset_noise=stats.get("offset_noise", 0.0), finished=stats.get("finished"),
                                         loss_first=stats.get("loss_first"), loss_last=stats.get("loss_last"))]
     stats["minutes_before"] = stats.get("minutes_total", 0)
-    stats.setdefault("continue_commands", []).append("python -m embedtrain.demo.pretrain " + " ".join(sys.argv[1:]))
+    stats.setdefault("continue_commands", []).append(args.command)
     dev = torch.device(args.device)
     pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
     pipe.to(dev)
@@ -549,6 +551,8 @@ def cli(argv=None) -> int:
     p.add_argument("--decoder-steps", type=int, default=600)
     p.add_argument("--decoder-lr", type=float, default=5e-4)
     args = p.parse_args(argv)
+    # the command as typed (argv when called from Python), recorded in the card
+    args.command = f"{p.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
     for name in ("minutes", "batch_size", "images", "vae_batch_size", "decoder_steps"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
