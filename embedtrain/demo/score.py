@@ -164,6 +164,10 @@ def score_images(images, prompts_specs) -> float:
 
 
 # ---------------------------------------------------------------- generation and scores
+# seeds per prompt: a quick score, and the model card's protocol (at 8 the scores of one embedding
+# swung by up to +-0.3 with the seed block on the demo model; 32 is the card's and the tests' number)
+QUICK_SEEDS = 8
+CARD_SEEDS = 32
 FIDELITY_PROMPTS = ("a photo of a {t}", "a {t}", "a picture of the {t}", "a close up photo of a {t}")
 EDIT_BACKGROUNDS = ("green", "blue", "yellow", "white")
 
@@ -182,7 +186,7 @@ def generate(pipe, prompts, seeds, steps: int = SAMPLE_STEPS, guidance: float = 
     return images
 
 
-def fidelity(pipe, token: str, n: int = 8, seed: int = 0, steps: int = SAMPLE_STEPS,
+def fidelity(pipe, token: str, n: int = QUICK_SEEDS, seed: int = 0, steps: int = SAMPLE_STEPS,
              guidance: float = GUIDANCE, concept: tuple[str, str] = HELD_OUT, expand=None) -> dict:
     """Concept fidelity and editability of `token` (already usable in prompts of `pipe`).
 
@@ -285,7 +289,7 @@ def _print_scores(scores: dict, as_json: bool) -> None:
             print(f"{k.replace('_', ' ')}: {v}")
 
 
-def evaluate_model(folder: Path, n_seen: int = 96, n: int = 32, embedding: str | None = None,
+def evaluate_model(folder: Path, n_seen: int = 96, n: int = CARD_SEEDS, embedding: str | None = None,
                    ti_note: str = "", status: str | None = None, log=print) -> dict:
     """Measure the model card's scores and rewrite the card (scores.json + README.md).
 
@@ -336,8 +340,8 @@ def cli(argv=None) -> int:
     p.add_argument("--token", help="word to write in prompts (default: the embedding's name); without "
                                    "--embedding, score this existing word, e.g. the init text 'star'")
     p.add_argument("--n", type=int, default=None,
-                   help="seeds per prompt (default 8, quick; --evaluate-model: 32, the card's protocol: at 8 the "
-                        "scores swing by up to +-0.3 with the seed block)")
+                   help=f"seeds per prompt (default {QUICK_SEEDS}, quick; --evaluate-model: {CARD_SEEDS}, the card's "
+                        f"protocol: at {QUICK_SEEDS} the scores swing by up to +-0.3 with the seed block)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=SAMPLE_STEPS, help="sampler steps")
     p.add_argument("--guidance", type=float, default=GUIDANCE)
@@ -349,7 +353,7 @@ def cli(argv=None) -> int:
                                           "Status section (kept on later evaluations of the same weights)")
     args = p.parse_args(argv)
     if args.n is None:
-        args.n = 32 if args.evaluate_model else 8
+        args.n = CARD_SEEDS if args.evaluate_model else QUICK_SEEDS
     if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}")
     if args.evaluate_model:
