@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from embedtrain import EmbedtrainError
+from embedtrain.config import model_cfg_scale
 
 PLACEHOLDERS = ("{}", "[name]")
 DEFAULT_PROMPTS = ("a photo of {}", "a {} on a green background")
@@ -633,7 +634,8 @@ def run_study(base, low, high, low_steps: int, high_steps: int, out, settings: G
     if pipe is None:
         pipe, info = models.load_pipeline(base.model, base.model_config)
     total = sum(r.weight_updates for r in plan)
-    settings = settings or GridSettings(baseline=base.init_text if base.init_text != "*" else None)
+    settings = settings or GridSettings(baseline=base.init_text if base.init_text != "*" else None,
+                                        cfg_scale=model_cfg_scale(base.model))
     cells = len(settings.prompts) * len(settings.seeds) * (4 + (settings.baseline is not None))
     done = 0
     rows, files = [], []
@@ -716,7 +718,8 @@ def _grid_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seeds", nargs="+", default=["1", "2"], help="seeds or ranges, e.g. 1 2 3 or 1-4 (one row "
                                                                   "per prompt and seed)")
     g.add_argument("--sample-steps", type=int, default=20, help="sampler steps per image (default 20)")
-    g.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default: the "
+                   "model's, 5 for the demo model, else 7.5)")
     g.add_argument("--sampler", default="default", choices=list(SAMPLERS),
                    help="sampler (default: the model's own scheduler)")
     g.add_argument("--width", type=int, default=0, help="image width (default: the model's resolution)")
@@ -734,9 +737,10 @@ def _grid_arguments(p: argparse.ArgumentParser) -> None:
                    help="json: one JSON line per progress report on stdout (for the web UI)")
 
 
-def _settings_from(args, baseline) -> GridSettings:
+def _settings_from(args, baseline, model: str) -> GridSettings:
+    cfg_scale = model_cfg_scale(model) if args.cfg_scale is None else args.cfg_scale
     return GridSettings(prompts=args.prompts, seeds=parse_seeds(args.seeds), sample_steps=args.sample_steps,
-                        cfg_scale=args.cfg_scale, sampler=args.sampler, width=args.width, height=args.height,
+                        cfg_scale=cfg_scale, sampler=args.sampler, width=args.width, height=args.height,
                         negative_prompt=args.negative_prompt, baseline=baseline, swap_axes=args.swap_axes,
                         legend=not args.no_legend, margin=args.margin, cell_size=args.cell_size,
                         batch_size=args.render_batch, device=getattr(args, "device", "auto"),
@@ -786,7 +790,7 @@ def cli_grid(argv=None) -> int:
     try:
         from embedtrain import models
         baseline = args.baseline
-        settings = _settings_from(args, "" if baseline == "@init" else baseline)
+        settings = _settings_from(args, "" if baseline == "@init" else baseline, args.model)
         if not args.embeddings and baseline is None:
             raise GridError("embeddings must list one or more embedding files (or add --baseline)")
         for f in args.embeddings:  # fail on a missing file before the slow model load
@@ -846,7 +850,7 @@ def cli_study(argv=None) -> int:
             baseline = base.init_text if base.init_text.strip() not in ("", "*") else None
         else:
             baseline = None if args.baseline == "none" else args.baseline
-        settings = _settings_from(args, baseline)
+        settings = _settings_from(args, baseline, base.model)
         out = Path(args.study_out or Path(base.out) / f"study-{time.strftime('%Y%m%d-%H%M%S')}")
         report = _reporter(args.progress)
         log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.progress == "json" else print

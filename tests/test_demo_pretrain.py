@@ -16,7 +16,7 @@ def test_pretrain_continue_and_decoder_only_write_a_loadable_pipeline(tmp_path):
     stats = json.loads((out / "pretrain_stats.json").read_text())
     assert stats["finished"] and stats["unet_steps_done"] == 3 and stats["offset_noise"] == 0.3
     scale = stats["scaling_factor"]
-    (out / "scores.json").write_text(json.dumps({"measured_on": pretrain.model_state(stats),
+    (out / "scores.json").write_text(json.dumps({"measured_on": pretrain.model_state(stats, out),
                                                  "scores": {"seen": 0.5}, "status": "Status of 3 updates."}))
     pretrain.write_card(out, stats)
     card = (out / "README.md").read_text()
@@ -29,7 +29,8 @@ def test_pretrain_continue_and_decoder_only_write_a_loadable_pipeline(tmp_path):
     assert stats["scaling_factor"] == scale          # a continuation keeps the latent space
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != unet_before
     card = (out / "README.md").read_text()   # the scores survive the folder's replacement, marked stale
-    assert "**Stale:** measured on earlier weights (3 UNet updates, 0 decoder-only updates)" in card
+    assert "**Stale:** measured on another model state (3 UNet updates, 0 decoder-only updates, sampled with " \
+           "EulerAncestralDiscreteScheduler at CFG 5)" in card
     assert "- seen: 0.5" in card and "Status of 3 updates." in card
     encoder_before = _encoder(out)
 
@@ -47,7 +48,7 @@ def test_pretrain_continue_and_decoder_only_write_a_loadable_pipeline(tmp_path):
     assert "UNet phase 2: 2 of 2 planned updates" in card
     assert "the VAE decoder alone, phase 1" in card and "the VAE decoder alone, phase 2" in card
     assert "--decoder-lr 1e-4" in card and "min of decoder-only phases" in card
-    assert "these have 5 UNet updates, 5 decoder-only updates" in card     # the scores of 3 updates: still stale
+    assert "this one: 5 UNet updates, 5 decoder-only updates" in card     # the scores of 3 updates: still stale
     pipe = load_demo_pipeline(str(out))
     assert pipe.vae.config.scaling_factor == scale
 
@@ -66,16 +67,24 @@ def test_card_marks_scores_of_other_weights_and_reads_the_first_format(tmp_path)
     (tmp_path / "scores.json").write_text(json.dumps({"judge": 1.0}))    # the first format: scores alone
     write_card(tmp_path, stats)
     card = (tmp_path / "README.md").read_text()
-    assert "**Stale:** measured on earlier weights (not recorded)" in card and "- judge: 1.0" in card
-    (tmp_path / "scores.json").write_text(json.dumps({"measured_on": model_state(stats), "scores": {"judge": 1.0},
+    assert "**Stale:** measured on another model state (not recorded)" in card and "- judge: 1.0" in card
+    (tmp_path / "scores.json").write_text(json.dumps({"measured_on": model_state(stats, tmp_path), "scores": {"judge": 1.0},
                                                       "status": "All good."}))
     write_card(tmp_path, stats)
     card = (tmp_path / "README.md").read_text()
     assert "Stale" not in card and card.rstrip().endswith("## Status\n\nAll good.")
     write_card(tmp_path, {**stats, "decoder_steps": 5})                  # a decoder phase changes the weights
     card = (tmp_path / "README.md").read_text()
-    assert "these have 10 UNet updates, 5 decoder-only updates" in card
-    assert "(Written about the earlier weights the scores above were measured on.)" in card
+    assert "this one: 10 UNet updates, 5 decoder-only updates" in card
+    assert "(Written about the model state the scores above were measured on.)" in card
+    write_card(tmp_path, stats)
+    assert "Stale" not in (tmp_path / "README.md").read_text()
+    sched = tmp_path / "scheduler"                                        # so does another sampler
+    sched.mkdir()
+    (sched / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler"}))
+    write_card(tmp_path, stats)
+    card = (tmp_path / "README.md").read_text()
+    assert "this one: 10 UNet updates, 0 decoder-only updates, sampled with DDIMScheduler at CFG 5" in card
 
 
 def test_a_card_saved_before_decoder_phases_were_logged_reads_its_one_phase():

@@ -183,6 +183,19 @@ def test_missing_or_incompatible_embedding_is_a_clear_error(tiny, tmp_path):
         render_grid(pipe, info, [junk], s)
 
 
+def test_cfg_scale_defaults_to_the_models_and_a_typed_value_wins():
+    import argparse
+    from embedtrain.config import TrainConfig, apply_preset
+    from embedtrain.grid import _grid_arguments, _settings_from
+    p = argparse.ArgumentParser()
+    _grid_arguments(p)
+    assert _settings_from(p.parse_args([]), None, "demo").cfg_scale == 5.0     # the demo model's (its card)
+    assert _settings_from(p.parse_args([]), None, "tiny").cfg_scale == 7.5
+    assert _settings_from(p.parse_args(["--cfg-scale", "9"]), None, "demo").cfg_scale == 9.0
+    assert apply_preset(TrainConfig(model="demo"), set()).preview_cfg == 5.0          # previews too
+    assert apply_preset(TrainConfig(model="demo", preview_cfg=7.0), {"preview_cfg"}).preview_cfg == 7.0
+
+
 def test_grid_cli_refuses_a_missing_file_before_loading_the_model(tmp_path, capsys):
     from embedtrain.grid import cli_grid
     rc = cli_grid(["--model", "tiny", "--embeddings", str(tmp_path / "gone.pt"), "--out", str(tmp_path / "g.png"),

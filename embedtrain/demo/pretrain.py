@@ -12,7 +12,7 @@
 
 With `--unet-steps 0` (default) the number of UNet updates is fitted to `--minutes` from the speed
 of the first updates; it is written in the card, so `--unet-steps N` reproduces the run exactly.
-The pipeline (EMA weights, fp32 safetensors, a DPM-Solver++ scheduler for sampling) is saved
+The pipeline (EMA weights, fp32 safetensors, the demo's sampler `score.SCHEDULER`) is saved
 every `--checkpoint-minutes`, so an interrupted run still leaves a usable model.
 """
 
@@ -184,15 +184,25 @@ def vae_recon_accuracy(vae, seed: int, n: int = 200, device="cpu") -> float:
     return sum(agrees(judge(Image.fromarray(a)), s) for a, s in zip(arr, specs)) / n
 
 
+def sampling_scheduler(config):
+    """The demo's sampler (`score.SCHEDULER`) with the noise schedule of `config`; only its own keys are
+    kept, so the saved scheduler_config.json lists no settings of another scheduler."""
+    import inspect
+    import diffusers
+    from embedtrain.demo.score import SCHEDULER
+    cls = getattr(diffusers, SCHEDULER)
+    own = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return cls(**{k: v for k, v in config.items() if k in own})
+
+
 def save_pipeline(pipe, ema, out: Path, stats: dict, log) -> None:
     """Save the pipeline with EMA weights to `out`, replacing the folder only once it is complete."""
     import torch
-    from diffusers import DPMSolverMultistepScheduler
     backup = [p.detach().clone() for p in ema.params]
     for p, e in zip(ema.params, ema.shadow):
         p.data.copy_(e)
     sched = pipe.scheduler
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(sched.config)
+    pipe.scheduler = sampling_scheduler(sched.config)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
@@ -237,15 +247,23 @@ class EMA:
             torch._foreach_add_(self.shadow, [p.detach() for p in self.params], alpha=1 - d)
 
 
-def model_state(stats: dict) -> str:
-    """What the saved weights have been through: scores measured on another state are stale."""
-    return (f"{stats.get('unet_steps_done', 0)} UNet updates, "
-            f"{stats.get('decoder_steps', 0)} decoder-only updates")
+def saved_sampler(folder: Path) -> str:
+    """The class of the scheduler saved in a pipeline folder ("?" when there is none)."""
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    return json.loads(path.read_text(encoding="utf-8"))["_class_name"] if path.is_file() else "?"
 
 
-def scores_current(saved: dict, stats: dict) -> bool:
-    """Whether scores read by read_scores were measured on the weights `stats` describes."""
-    return saved.get("measured_on") == model_state(stats)
+def model_state(stats: dict, folder: Path) -> str:
+    """What the scores depend on: the weights' training and how they are sampled (the folder's scheduler
+    at the demo's CFG scale). Scores measured on another state are stale."""
+    from embedtrain.demo.score import GUIDANCE
+    return (f"{stats.get('unet_steps_done', 0)} UNet updates, {stats.get('decoder_steps', 0)} decoder-only "
+            f"updates, sampled with {saved_sampler(folder)} at CFG {GUIDANCE:g}")
+
+
+def scores_current(saved: dict, stats: dict, folder: Path) -> bool:
+    """Whether scores read by read_scores were measured on the model state of `stats` and `folder`."""
+    return saved.get("measured_on") == model_state(stats, folder)
 
 
 def read_scores(folder: Path) -> dict:
@@ -262,15 +280,17 @@ def read_scores(folder: Path) -> dict:
 def write_card(folder: Path, stats: dict) -> None:
     """README.md model card from the pretraining stats and the folder's scores.json (if measured)."""
     from embedtrain.demo.model import SIZES
+    from embedtrain.demo.score import GUIDANCE, SAMPLE_STEPS
     s = SIZES["demo"]
     lines = [
         "# embedtrain demo model",
         "",
         "A tiny Stable Diffusion pipeline of the real architecture (diffusers UNet2DConditionModel,",
-        "AutoencoderKL, transformers CLIPTextModel + CLIPTokenizer, DPM-Solver++ scheduler) pretrained",
-        "from scratch on the embedtrain demo world (`embedtrain/demo/world.py`) on a 2-core CPU.",
-        "It exists so textual inversion can be seen to learn on a laptop CPU. Not an image model for",
-        "anything else.",
+        "AutoencoderKL, transformers CLIPTextModel + CLIPTokenizer) pretrained from scratch on the",
+        "embedtrain demo world (`embedtrain/demo/world.py`) on a 2-core CPU. It exists so textual",
+        "inversion can be seen to learn on a laptop CPU. Not an image model for anything else.",
+        f"Sampled by default with its saved scheduler ({saved_sampler(folder)}), {SAMPLE_STEPS} steps, CFG scale "
+        f"{GUIDANCE:g}.",
         "",
         "## Architecture",
         "",
@@ -318,19 +338,19 @@ def write_card(folder: Path, stats: dict) -> None:
         "",
     ]
     saved = read_scores(folder)
-    stale = not scores_current(saved, stats)
+    stale = not scores_current(saved, stats, folder)
     measure = "`python -m embedtrain.demo.score --evaluate-model <this folder>`"
     if not saved.get("scores"):
         lines += [f"Not measured yet: {measure}."]
     else:
         if stale:
-            lines += [f"**Stale:** measured on earlier weights ({saved.get('measured_on') or 'not recorded'}); "
-                      f"these have {model_state(stats)}. Measure again: {measure}.", ""]
+            lines += [f"**Stale:** measured on another model state ({saved.get('measured_on') or 'not recorded'}); "
+                      f"this one: {model_state(stats, folder)}. Measure again: {measure}.", ""]
         lines += [f"- {k}: {v}" for k, v in saved["scores"].items()]
     if saved.get("status"):
         lines += ["", "## Status", ""]
         if stale:
-            lines += ["(Written about the earlier weights the scores above were measured on.)", ""]
+            lines += ["(Written about the model state the scores above were measured on.)", ""]
         lines += [saved["status"].strip()]
     (Path(folder) / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

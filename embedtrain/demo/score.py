@@ -28,13 +28,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from embedtrain.config import model_cfg_scale
 from embedtrain.demo.world import (BACKGROUNDS, COLOURS, HELD_OUT, RESOLUTION, SHAPES, Spec,
                                    shape_mask)
 
 DEMO_MODEL = Path(__file__).resolve().parents[2] / "assets" / "demo_model"
 GRID = 24                    # side of the normalised shape mask
-SAMPLE_STEPS = 20            # the demo's default sampler steps (DPM-Solver++ saved with the model)
-GUIDANCE = 7.5               # the demo's default classifier-free guidance scale
+SAMPLE_STEPS = 20            # the demo's default sampler steps
+# The sampler saved with the demo model (diffusers class, A1111's name) and its default CFG scale (the demo
+# preset's): chosen by measurement, see the model card's Status.
+SCHEDULER = "EulerAncestralDiscreteScheduler"   # A1111: "Euler a"
+GUIDANCE = model_cfg_scale("demo")
 
 # Hue boundaries (degrees) halfway between the palette's hues: red 0, orange 29, yellow 55,
 # green 129, blue 227, purple 278.
@@ -168,6 +172,7 @@ def score_images(images, prompts_specs) -> float:
 # swung by up to +-0.3 with the seed block on the demo model; 32 is the card's and the tests' number)
 QUICK_SEEDS = 8
 CARD_SEEDS = 32
+CARD_SEEN = 384       # seen-combination prompts on the card (at 96 the score moved +-0.05 with the seed block)
 FIDELITY_PROMPTS = ("a photo of a {t}", "a {t}", "a picture of the {t}", "a close up photo of a {t}")
 EDIT_BACKGROUNDS = ("green", "blue", "yellow", "white")
 
@@ -289,27 +294,27 @@ def _print_scores(scores: dict, as_json: bool) -> None:
             print(f"{k.replace('_', ' ')}: {v}")
 
 
-def evaluate_model(folder: Path, n_seen: int = 96, n: int = CARD_SEEDS, embedding: str | None = None,
+def evaluate_model(folder: Path, n_seen: int = CARD_SEEN, n: int = CARD_SEEDS, embedding: str | None = None,
                    ti_note: str = "", status: str | None = None, log=print) -> dict:
     """Measure the model card's scores and rewrite the card (scores.json + README.md).
 
-    Scores and status saved for these same weights are kept unless measured or given again; those of
-    earlier weights are dropped (a status describes the weights it was written about).
+    Scores and status saved for this same model state (weights and sampler) are kept unless measured or
+    given again; those of another state are dropped (a status describes the state it was written about).
     """
     from embedtrain.demo.pretrain import CARD_STATS, SCORES, model_state, read_scores, scores_current, write_card
     folder = Path(folder)
     stats = json.loads((folder / CARD_STATS).read_text(encoding="utf-8"))
     pipe = load_demo_pipeline(str(folder))
     saved = read_scores(folder)
-    same = scores_current(saved, stats)
+    same = scores_current(saved, stats, folder)
     if saved and not same:
-        log(f"dropping the scores{' and status' if saved.get('status') else ''} of earlier weights "
+        log(f"dropping the scores{' and status' if saved.get('status') else ''} of another model state "
             f"({saved.get('measured_on') or 'not recorded'})")
     scores = dict(saved.get("scores", {})) if same else {}
     scores["judge accuracy on 500 clean renders (shape, colour, background all right)"] = clean_accuracy()["all"]
     seen = seen_agreement(pipe, n=n_seen)
     scores[f"seen combinations, judge agrees on shape and colour ({n_seen} prompts 'a COLOUR SHAPE on a BG "
-           f"background', {SAMPLE_STEPS} DPM-Solver++ steps, guidance {GUIDANCE})"] = seen["shape_and_colour"]
+           f"background', {SAMPLE_STEPS} {type(pipe.scheduler).__name__} steps, guidance {GUIDANCE})"] = seen["shape_and_colour"]
     scores["seen combinations: shape / colour / background right"] = \
         f"{seen['shape']} / {seen['colour']} / {seen['background']}"
     base = fidelity(pipe, HELD_OUT[1], n=n)
@@ -326,7 +331,7 @@ def evaluate_model(folder: Path, n_seen: int = 96, n: int = CARD_SEEDS, embeddin
                "fidelity / editability"] = \
             f"{ti['concept_fidelity']} / {ti['editability']}"
     status = status if status is not None else (saved.get("status", "") if same else "")
-    (folder / SCORES).write_text(json.dumps({"measured_on": model_state(stats), "scores": scores,
+    (folder / SCORES).write_text(json.dumps({"measured_on": model_state(stats, folder), "scores": scores,
                                              "status": status}, indent=2), encoding="utf-8")
     write_card(folder, stats)
     return scores

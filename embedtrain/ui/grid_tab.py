@@ -18,6 +18,7 @@ from pathlib import Path
 import gradio as gr
 
 from embedtrain import EmbedtrainError
+from embedtrain.config import model_cfg_scale
 from embedtrain.grid import (DEFAULT_PROMPTS, SAMPLERS, GridError, GridSettings, parse_pair, default_out,
                              parse_prompts, parse_seeds)
 from embedtrain.ui.jobs import launch
@@ -247,7 +248,8 @@ def build(ctx) -> None:
             with gr.Row():
                 sample_steps = gr.Number(20, label="Sampling steps", precision=0, minimum=1,
                                          elem_id="grid-sample-steps")
-                cfg_scale = gr.Number(7.5, label="CFG scale", minimum=0, elem_id="grid-cfg")
+                cfg_scale = gr.Number(model_cfg_scale(ctx.model), label="CFG scale", minimum=0, elem_id="grid-cfg",
+                                      info="demo model: 5; Stable Diffusion: 7.5 is usual")
                 sampler = gr.Dropdown(list(SAMPLERS), value="default", label="Sampler", elem_id="grid-sampler")
             with gr.Row():
                 width = gr.Number(0, label="Width (0 = model's)", precision=0, minimum=0)
