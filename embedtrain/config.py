@@ -233,7 +233,7 @@ def _coerce(cls, name, value):
 
 
 # Settings a model brings with it; explicit flags and config keys still win. The demo model is sampled
-# at CFG 5 (its card: at 7.5 its colours drift, seen shape + colour 0.80 vs 0.87 at 5).
+# at CFG 5: at 7.5 its colours drift (its card's Status has the measurements).
 MODEL_PRESETS: dict[str, dict] = {
     "demo": dict(resolution=64, steps=200, lr=5e-3, init_text="star", template="object_filewords",
                  batch_size=4, preview_steps=20, preview_every=50, val_every=25, preview_cfg=5.0),

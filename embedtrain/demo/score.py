@@ -35,8 +35,8 @@ from embedtrain.demo.world import (BACKGROUNDS, COLOURS, HELD_OUT, RESOLUTION, S
 DEMO_MODEL = Path(__file__).resolve().parents[2] / "assets" / "demo_model"
 GRID = 24                    # side of the normalised shape mask
 SAMPLE_STEPS = 20            # the demo's default sampler steps
-# The sampler saved with the demo model (diffusers class, A1111's name) and its default CFG scale (the demo
-# preset's): chosen by measurement, see the model card's Status.
+# The sampler saved with the demo model (a diffusers class) and its default CFG scale (the demo preset's):
+# chosen by measurement, see the model card's Status.
 SCHEDULER = "EulerAncestralDiscreteScheduler"   # A1111: "Euler a"
 GUIDANCE = model_cfg_scale("demo")
 
@@ -313,8 +313,9 @@ def evaluate_model(folder: Path, n_seen: int = CARD_SEEN, n: int = CARD_SEEDS, e
     scores = dict(saved.get("scores", {})) if same else {}
     scores["judge accuracy on 500 clean renders (shape, colour, background all right)"] = clean_accuracy()["all"]
     seen = seen_agreement(pipe, n=n_seen)
+    sampler = f"{SAMPLE_STEPS} {type(pipe.scheduler).__name__} steps, guidance {GUIDANCE}"
     scores[f"seen combinations, judge agrees on shape and colour ({n_seen} prompts 'a COLOUR SHAPE on a BG "
-           f"background', {SAMPLE_STEPS} {type(pipe.scheduler).__name__} steps, guidance {GUIDANCE})"] = seen["shape_and_colour"]
+           f"background', {sampler})"] = seen["shape_and_colour"]
     scores["seen combinations: shape / colour / background right"] = \
         f"{seen['shape']} / {seen['colour']} / {seen['background']}"
     base = fidelity(pipe, HELD_OUT[1], n=n)
