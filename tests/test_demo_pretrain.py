@@ -8,7 +8,9 @@ import pytest
 @pytest.mark.slow
 def test_pretrain_continue_and_decoder_only_write_a_loadable_pipeline(tmp_path):
     from embedtrain.demo import pretrain
+    import torch
     from embedtrain.demo.score import load_demo_pipeline
+    threads = torch.get_num_threads()
     out = tmp_path / "model"
     common = ["--out", str(out), "--images", "16", "--batch-size", "2", "--vae-batch-size", "2", "--threads", "1",
               "--minutes", "5"]
@@ -51,6 +53,8 @@ def test_pretrain_continue_and_decoder_only_write_a_loadable_pipeline(tmp_path):
     assert "this one: 5 UNet updates, 5 decoder-only updates" in card     # the scores of 3 updates: still stale
     pipe = load_demo_pipeline(str(out))
     assert pipe.vae.config.scaling_factor == scale
+    # --threads 1 was for those runs only (it left later tests in this process on one thread)
+    assert torch.get_num_threads() == threads
 
 
 def _encoder(folder):

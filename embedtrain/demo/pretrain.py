@@ -580,12 +580,17 @@ def cli(argv=None) -> int:
     if (args.cont or args.decoder_only) and not (Path(args.out) / CARD_STATS).is_file():
         flag = "--continue" if args.cont else "--decoder-only"
         raise SystemExit(f"{flag}: {args.out} holds no pipeline saved by this script")
-    if args.cont:
-        stats = continue_unet(args, log=log)
-    elif args.decoder_only:
-        stats = decoder_only(args, log=log)
-    else:
-        stats = pretrain(args, log=log)
+    import torch
+    threads = torch.get_num_threads()   # --threads is for this run: a caller's process gets its own back
+    try:
+        if args.cont:
+            stats = continue_unet(args, log=log)
+        elif args.decoder_only:
+            stats = decoder_only(args, log=log)
+        else:
+            stats = pretrain(args, log=log)
+    finally:
+        torch.set_num_threads(threads)
     print(json.dumps(stats, indent=2))
     return 0
 
