@@ -77,3 +77,14 @@ def test_short_textual_inversion_run_reaches_the_targets(trained):
     # measured 0.71 / 0.55 (this run is seeded; other training seeds read 0.63-0.66 / 0.52-0.53: see the card)
     _, learned = trained
     assert learned["concept_fidelity"] >= 0.7 and learned["editability"] >= 0.5, learned
+
+
+def test_score_cli_prints_one_line_per_score(capsys):
+    _need_demo()
+    from embedtrain.demo.score import _print_scores, cli
+    assert cli(["--token", "star", "--n", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split(": ")[0] for ln in lines] == ["concept fidelity", "editability"], lines
+    assert all(0 <= float(ln.split(": ")[1]) <= 1 for ln in lines), lines
+    _print_scores({"run (assets/demo_dataset, 43 s)": "0.71 / 0.55"}, as_json=False)   # a card label as written
+    assert capsys.readouterr().out == "run (assets/demo_dataset, 43 s): 0.71 / 0.55\n"

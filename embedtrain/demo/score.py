@@ -290,8 +290,8 @@ def _print_scores(scores: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(clean, indent=2))
     else:
-        for k, v in clean.items():
-            print(f"{k.replace('_', ' ')}: {v}")
+        for k, v in clean.items():    # keys such as concept_fidelity read as words; the card's labels as written
+            print(f"{k.replace('_', ' ') if k.isidentifier() else k}: {v}")
 
 
 def evaluate_model(folder: Path, n_seen: int = CARD_SEEN, n: int = CARD_SEEDS, embedding: str | None = None,
