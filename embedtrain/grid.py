@@ -719,7 +719,7 @@ def _grid_arguments(p: argparse.ArgumentParser) -> None:
                                                                   "per prompt and seed)")
     g.add_argument("--sample-steps", type=int, default=20, help="sampler steps per image (default 20)")
     g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default: the "
-                   "model's, 5 for the demo model, else 7.5)")
+                   f"model's, {model_cfg_scale('demo'):g} for the demo model, else {model_cfg_scale(''):g})")
     g.add_argument("--sampler", default="default", choices=list(SAMPLERS),
                    help="sampler (default: the model's own scheduler)")
     g.add_argument("--width", type=int, default=0, help="image width (default: the model's resolution)")

@@ -249,7 +249,8 @@ def build(ctx) -> None:
                 sample_steps = gr.Number(20, label="Sampling steps", precision=0, minimum=1,
                                          elem_id="grid-sample-steps")
                 cfg_scale = gr.Number(model_cfg_scale(ctx.model), label="CFG scale", minimum=0, elem_id="grid-cfg",
-                                      info="demo model: 5; Stable Diffusion: 7.5 is usual")
+                                      info=f"demo model: {model_cfg_scale('demo'):g}; Stable Diffusion: "
+                                           f"{model_cfg_scale(''):g} is usual")
                 sampler = gr.Dropdown(list(SAMPLERS), value="default", label="Sampler", elem_id="grid-sampler")
             with gr.Row():
                 width = gr.Number(0, label="Width (0 = model's)", precision=0, minimum=0)
