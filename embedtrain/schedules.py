@@ -520,3 +520,16 @@ def build_schedule(name, lr, total_updates, *, min_lr=0.0, warmup=0, cycles=1.0,
         a["warnings"].append(f"lr_piecewise is ignored because lr_schedule is {name}, not piecewise")
     fn, text = _BUILDERS[name](a)
     return Schedule(name, fn, total_updates, text, a["warnings"])
+
+
+def from_config(cfg, plan) -> Schedule:
+    """The schedule of a run: a TrainConfig's lr_* fields over its plan (calculator.derive's numbers).
+
+    The one mapping from settings to a schedule; the trainer, the web UI's preview and the pre-start
+    checks all call it, so what is drawn before a run is what the run uses."""
+    return build_schedule(
+        cfg.lr_schedule, cfg.lr, plan.weight_updates, min_lr=cfg.lr_min, warmup=cfg.lr_warmup,
+        cycles=cfg.lr_cycles, power=cfg.lr_power, piecewise=cfg.lr_piecewise, step_size=cfg.lr_step_size,
+        step_size_epochs=cfg.lr_step_size_epochs, updates_per_epoch=plan.updates_per_epoch,
+        gamma=cfg.lr_gamma, cycle_decay=cfg.lr_cycle_decay, decay_factor=cfg.lr_decay_factor,
+        extend=cfg.lr_extend, start=cfg.lr_cycle_start)

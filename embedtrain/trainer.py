@@ -60,7 +60,6 @@ class Trainer:
         import torch
 
         from embedtrain import data, embedding, models
-        from embedtrain.schedules import build_schedule  # noqa: F401  (fail early if missing)
 
         self.cfg = cfg.validate()
         self.log = log
@@ -337,17 +336,12 @@ class Trainer:
         import torch
 
         from embedtrain import embedding, optimizers
-        from embedtrain.schedules import build_schedule, describe
+        from embedtrain.schedules import describe, from_config
 
         cfg, plan, main = self.cfg, self.plan, self.rank == 0
         run_dir = Path(run_dir)
         if schedule is None:
-            schedule = build_schedule(
-                cfg.lr_schedule, cfg.lr, plan.weight_updates, min_lr=cfg.lr_min, warmup=cfg.lr_warmup,
-                cycles=cfg.lr_cycles, power=cfg.lr_power, piecewise=cfg.lr_piecewise, step_size=cfg.lr_step_size,
-                step_size_epochs=cfg.lr_step_size_epochs, updates_per_epoch=plan.updates_per_epoch,
-                gamma=cfg.lr_gamma, cycle_decay=cfg.lr_cycle_decay, decay_factor=cfg.lr_decay_factor,
-                extend=cfg.lr_extend, start=cfg.lr_cycle_start)
+            schedule = from_config(cfg, plan)
             self.schedule_description = describe(schedule)
         else:
             self.schedule_description = getattr(schedule, "description", "custom")

@@ -74,11 +74,71 @@ def test_plot_frames_and_status_view(tmp_path):
     rows = [{"update": "1", "loss": "0.5", "val_loss": "", "lr": "0.01", "effective_lr": "0.01"},
             {"update": "2", "loss": "0.4", "val_loss": "0.45", "lr": "0.01", "effective_lr": "0.02"}]
     loss, lr = plot_frames(rows)
-    assert list(loss["series"]) == ["loss", "loss", "validation loss"]
+    assert list(loss["series"]) == ["loss", "loss", "validation loss", "loss (smoothed 0.9)", "loss (smoothed 0.9)"]
+    # the smoothed line starts at the first loss (bias-corrected EMA): (0.09 x 0.5 + 0.1 x 0.4) / 0.19
+    assert list(loss["value"][-2:]) == pytest.approx([0.5, (0.9 * 0.1 * 0.5 + 0.1 * 0.4) / 0.19])
     assert list(lr["series"]) == ["lr", "lr", "effective lr (d x lr)"]
+    # typed columns even when empty: an object column makes the page's plot read numbers as categories
+    empty_loss, empty_lr = plot_frames([])
+    assert str(empty_loss.dtypes["update"]) == "int64" and str(empty_loss.dtypes["value"]) == "float64"
+    assert str(empty_lr.dtypes["lr"]) == "float64"
     v = status_view(JobStatus("failed", run_dir=str(tmp_path), name="x", update=2, weight_updates=5, loss=0.4,
                               message="loss became nan at update 3", rows=rows))
     assert "Failed" in v["progress"] and "loss became nan" in v["progress"] and "2 / 5" in v["progress"]
+
+
+def test_epoch_means_close_each_epoch_at_its_last_update():
+    from embedtrain.ui.train_tab import loss_trends
+    # 2.5 updates per epoch: update 3 straddles epochs 1 and 2 and counts for the epoch it ends in
+    rows = [{"update": str(u), "loss": str(float(u - 1)), "epoch": str(u * 0.4)} for u in range(1, 11)]
+    _, means = loss_trends(rows)
+    assert means == [(2, 0.5), (5, 3.0), (7, 5.5), (10, 8.0)]
+    # more epochs than updates: no epoch line (it would repeat the raw loss)
+    assert loss_trends([{"update": str(u), "loss": "1", "epoch": str(u * 2.5)} for u in range(1, 6)])[1] == []
+
+
+def test_form_checks_find_what_the_job_would_crash_on(ctx):
+    """BS 13 on the demo's 12 images and the vocabulary word 'star' are refused before a job starts, each
+    beside its field; the API's /train (JobManager.start) refuses them too and writes nothing."""
+    from embedtrain.ui.jobs import JobError
+    from embedtrain.ui.train_tab import form_checks, form_config
+    slots, bad = form_checks(ctx, form(ctx, name="star", batch_size=13), {"name": "Embedding name"})
+    assert bad == ["Embedding name", "batch_size"]
+    assert "already a word of the model's vocabulary" in slots["name"] and "Embedding name" in slots["name"]
+    assert "larger than the 12 training images" in slots["plan"] and slots["model"] == slots["data"] == ""
+    slots, bad = form_checks(ctx, form(ctx, model="/nonexistent/model", data="/nonexistent/data"))
+    assert "not found" in slots["model"] and "does not exist" in slots["data"]
+    slots, bad = form_checks(ctx, form(ctx, lr="0.005:5, 1e-3:10", steps=20))   # the schedule ends early
+    assert bad == ["lr_piecewise"] and "ends at update 10" in slots["plan"]
+    assert form_checks(ctx, form(ctx))[1] == []
+    for bad_form in (form(ctx, name="star"), form(ctx, batch_size=13), form(ctx, template="filewords")):
+        with pytest.raises(JobError):
+            ctx.jobs.start(form_config(ctx, bad_form))
+    assert [p.name for p in ctx.outputs.iterdir() if not p.name.startswith(".")] == []
+
+
+def test_preview_captions_read_the_png_parameters(tmp_path):
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+    from embedtrain.ui.train_tab import preview_caption
+    info = PngInfo()
+    info.add_text("parameters", "a photo of [name]\nSteps: 20, CFG scale: 5.0, Seed: 7, Size: 64x64, Model: demo, "
+                                "Embedding: pstar, Update: 40")
+    Image.new("RGB", (8, 8)).save(tmp_path / "pstar-40.png", pnginfo=info)
+    assert preview_caption(tmp_path / "pstar-40.png") == "update 40 · a photo of pstar · seed 7"
+    Image.new("RGB", (8, 8)).save(tmp_path / "pstar-80.png")
+    assert preview_caption(tmp_path / "pstar-80.png") == "update 80"
+
+
+def test_stopped_status_points_at_resume_and_stopping_is_shown(tmp_path):
+    from embedtrain.ui.jobs import JobStatus
+    from embedtrain.ui.train_tab import status_view
+    v = status_view(JobStatus("stopped", run_dir=str(tmp_path), name="x", update=3, weight_updates=9,
+                              message=f"stopped at update 3 of 9; resume with --resume {tmp_path}"), plots=False)
+    assert "Press **Resume**" in v["progress"] and "--resume" not in v["progress"]
+    v = status_view(JobStatus("running", run_dir=str(tmp_path), name="x", update=3, weight_updates=9,
+                              stopping=True), plots=False)
+    assert "Stopping" in v["progress"]
 
 
 # ---------------------------------------------------------------- exposure rules

@@ -35,5 +35,5 @@ def build_app(ctx: UIContext) -> gr.Blocks:
                 with gr.Tab(label, id=tab_id, elem_id=f"tab-{tab_id}"):
                     importlib.import_module(module).build(ctx)
         for fn, inputs, outputs in ctx.on_load:
-            demo.load(fn, inputs, outputs, show_progress="hidden")
+            demo.load(fn, inputs, outputs, show_progress="hidden", api_visibility="private")
     return demo

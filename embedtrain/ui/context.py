@@ -26,6 +26,7 @@ class UIContext:
     # lr, lr_schedule, lr_min, lr_step_size, ...). Tabs built after it use these as outputs of their
     # "Use these settings" buttons. Filled by embedtrain.ui.train_tab.build.
     train: dict = field(default_factory=dict)
+    train_message: object = None   # the Train tab's message line (other tabs say there what they changed)
     tabs: object = None            # the gr.Tabs, so a button can switch to the Train tab (selected="train")
     on_load: list = field(default_factory=list)  # (fn, inputs, outputs) run when a page opens or reloads
 

@@ -58,6 +58,7 @@ class JobStatus:
     previews: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)   # log.csv rows (for the plots)
+    stopping: bool = False              # running, and a stop was asked for (it finishes its update first)
 
     @property
     def running(self) -> bool:
@@ -105,6 +106,10 @@ class JobManager:
             cfg = cfg.replace(out=str(self.outputs),
                               run_name=cfg.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
             cfg.validate()
+            from embedtrain.preflight import check_run
+            problems = check_run(cfg)
+            if problems:   # refused before a folder is made: a job that cannot run leaves nothing behind
+                raise JobError("; ".join(str(p) for p in problems))
             run_dir = self.outputs / cfg.run_name
             if run_dir.exists():
                 raise JobError(f"run folder {run_dir.name} already exists; choose another run name")
@@ -151,6 +156,7 @@ class JobManager:
         running = bool(job and job["run_dir"] == str(run) and _alive(job["pid"]))
         if running:
             st.state = "running"
+            st.stopping = (run / "STOP").exists()
         elif st.state == "running":  # the process is gone without its final event: it crashed
             st.state = "crashed"
             tail = _tail(run / "job.log", 1500)

@@ -80,22 +80,43 @@ def derived_text(ctx, values: dict) -> str:
             f"**{d.epochs:.2f} epochs** ({d.updates_per_epoch:.3g} updates per epoch) · {full}")
 
 
+# Where a problem with a field is shown: beside the model, the dataset, the name row, or under the
+# derived numbers (everything about length, batch and schedule).
+CHECK_SLOTS = ["model", "data", "name", "plan"]
+SLOT_OF = {"model": "model", "model_config": "model", "data": "data", "val_data": "data", "val_split": "data",
+           "name": "name", "init_text": "name", "vectors": "name", "template": "name"}
+
+
+def form_checks(ctx, values: dict, labels: dict | None = None) -> tuple[dict, list]:
+    """The form's problems, as the engine would find them before a job starts (preflight.check_run).
+
+    Returns ({slot: markdown} for CHECK_SLOTS, [label of each field with a problem]); no problems means
+    Train may start. `labels` maps field names to the form's labels (the field name where missing)."""
+    from embedtrain.preflight import Problem, check_run, field_of
+    labels = labels or {}
+    try:
+        problems = check_run(form_config(ctx, values), count_images=_count_images)
+    except EmbedtrainError as e:
+        problems = [Problem(field_of(e), str(e))]
+    slots = {k: [] for k in CHECK_SLOTS}
+    for p in problems:
+        label = labels.get(p.field) or p.field or "Settings"
+        slots[SLOT_OF.get(p.field, "plan")].append(f"⚠️ **{label}**: {p.message}")
+    names = list(dict.fromkeys(labels.get(p.field) or p.field or "Settings" for p in problems))
+    return {k: "  \n".join(v) for k, v in slots.items()}, names
+
+
 def schedule_frame(ctx, values: dict) -> tuple[pd.DataFrame, str]:
     """LR against weight update for the form's schedule (at most ~400 points), and a description or error."""
     from embedtrain.calculator import derive, split_counts
-    from embedtrain.schedules import build_schedule, describe
+    from embedtrain.schedules import describe, from_config
     try:
         cfg = form_config(ctx, values)
         train, _ = split_counts(_count_images(cfg.data), cfg.val_split)
         d = derive(train, cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.step_unit)
-        s = build_schedule(cfg.lr_schedule, cfg.lr, d.weight_updates, min_lr=cfg.lr_min, warmup=cfg.lr_warmup,
-                           cycles=cfg.lr_cycles, power=cfg.lr_power, piecewise=cfg.lr_piecewise,
-                           step_size=cfg.lr_step_size, step_size_epochs=cfg.lr_step_size_epochs,
-                           updates_per_epoch=d.updates_per_epoch, gamma=cfg.lr_gamma,
-                           cycle_decay=cfg.lr_cycle_decay, decay_factor=cfg.lr_decay_factor, extend=cfg.lr_extend,
-                           start=cfg.lr_cycle_start)
+        s = from_config(cfg, d)
     except Exception as e:  # any bad setting: show why instead of a plot
-        return pd.DataFrame({"update": [], "lr": []}), f"Error: {e}"
+        return typed_frame([], {"update": int, "lr": float}), f"Error: {e}"
     n = d.weight_updates
     stride = max(1, n // 400)
     us = list(range(0, n, stride)) + [n - 1]
@@ -150,15 +171,63 @@ PLOT_POINTS = 600   # a plot needs no more points per series than it has pixels
 PLOT_REFRESH_S = 2.0   # while a job runs, plots and previews are rebuilt at most this often
 
 
+SMOOTHING = 0.9   # weight of the past in the smoothed loss line (TensorBoard's slider, its usual value)
+
+
+def _num(v):
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if x == x else None   # NaN counts as missing
+
+
+def loss_trends(rows: list[dict]) -> tuple[list[tuple], list[tuple]]:
+    """(smoothed, epoch means) of the per-update loss, as (update, value) pairs.
+
+    smoothed: an exponential moving average with the start-up bias removed, so the line starts at the
+    first loss instead of rising from zero. epoch means: the mean loss of the updates of each epoch
+    (A1111's "loss" column), plotted at the epoch's last update; only when epochs span at least two
+    updates (with more epochs than updates a mean per epoch says nothing the raw loss does not)."""
+    pts = [(int(r["update"]), _num(r.get("loss")), _num(r.get("epoch"))) for r in rows
+           if str(r.get("update", "")).isdigit()]
+    pts = [p for p in pts if p[1] is not None]
+    smooth, avg, weight = [], 0.0, 0.0
+    for u, loss, _ in pts:
+        avg, weight = SMOOTHING * avg + (1 - SMOOTHING) * loss, SMOOTHING * weight + (1 - SMOOTHING)
+        smooth.append((u, avg / weight))
+    means, group, current = [], [], None
+    for u, loss, epoch in pts:
+        if epoch is None:
+            return smooth, []
+        e = -int(-epoch // 1)   # the epoch this update ends in (1-based): 0.5 -> 1, 1.0 -> 1, 1.25 -> 2
+        if current is not None and e != current and group:
+            means.append((group[-1][0], sum(x for _, x in group) / len(group)))
+            group = []
+        current = e
+        group.append((u, loss))
+        if epoch == e and group:   # this update closed its epoch exactly
+            means.append((u, sum(x for _, x in group) / len(group)))
+            group, current = [], None
+    if len(means) < 2 or len(pts) < 2 * len(means):
+        means = []
+    return smooth, means
+
+
 def plot_frames(rows: list[dict], max_points: int = PLOT_POINTS) -> tuple[pd.DataFrame, pd.DataFrame]:
     """log.csv rows -> (loss frame in long form: update, value, series; lr frame: update, lr, series).
 
-    Long runs are thinned to about `max_points` rows (evenly spaced, always the last one, and every
-    row that carries a validation loss, which is rare and must not be dropped)."""
+    The loss frame holds the raw per-update loss, its smoothed line, the per-epoch mean and the
+    validation losses. Long runs are thinned to about `max_points` rows (evenly spaced, always the last
+    one, and every row that carries a validation loss, which is rare and must not be dropped); the
+    smoothed line and the epoch means are computed from every row before thinning."""
+    smooth, means = loss_trends(rows)
+    keep = None
     if len(rows) > max_points:
         stride = -(-len(rows) // max_points)
         rows = [r for i, r in enumerate(rows) if i % stride == 0 or i == len(rows) - 1
                 or r.get("val_loss") not in (None, "") or r.get("val_train_loss") not in (None, "")]
+        keep = {str(r.get("update")) for r in rows}
     loss, lr = [], []
     for r in rows:
         try:
@@ -166,21 +235,48 @@ def plot_frames(rows: list[dict], max_points: int = PLOT_POINTS) -> tuple[pd.Dat
         except (KeyError, ValueError):
             continue
         for key, label in (("loss", "loss"), ("val_loss", "validation loss"), ("val_train_loss", "stabilized train loss")):
-            v = r.get(key)
-            if v not in (None, ""):
-                loss.append((u, float(v), label))
+            v = _num(r.get(key))
+            if v is not None:
+                loss.append((u, v, label))
         if r.get("lr") not in (None, ""):
             lr.append((u, float(r["lr"]), "lr"))
         e = r.get("effective_lr")
         if e not in (None, "") and r.get("lr") not in (None, "") and abs(float(e) - float(r["lr"])) > 1e-12:
             lr.append((u, float(e), "effective lr (d x lr)"))
-    return (pd.DataFrame(loss, columns=["update", "value", "series"]),
-            pd.DataFrame(lr, columns=["update", "lr", "series"]))
+    loss += [(u, v, f"loss (smoothed {SMOOTHING})") for u, v in smooth if keep is None or str(u) in keep]
+    loss += [(u, v, "loss (epoch mean)") for u, v in means]
+    return (typed_frame(loss, {"update": int, "value": float, "series": str}),
+            typed_frame(lr, {"update": int, "lr": float, "series": str}))
+
+
+def typed_frame(rows, columns: dict) -> pd.DataFrame:
+    """A plot's frame with typed columns, also when empty: Gradio reads an empty (object) column as
+    categories, and the page's plot then keeps drawing every later number as its own label."""
+    return pd.DataFrame(list(rows), columns=list(columns)).astype(columns)
 
 
 def form_values(cfg: TrainConfig) -> list:
     """The Train form's values (FIELDS order) for a config; the LR as text, as the form holds it."""
     return [str(getattr(cfg, k)) if k == "lr" else getattr(cfg, k) for k in FIELDS]
+
+
+def preview_caption(path) -> str:
+    """"update 40 · a photo of purplestar · seed 0" from the parameters chunk the trainer writes into every
+    preview (read without decoding the pixels); the file name's update when the chunk is missing."""
+    from PIL import Image
+    path = Path(path)
+    update = path.stem.rsplit("-", 1)[-1]
+    try:
+        with Image.open(path) as img:
+            text = img.text.get("parameters", "") if hasattr(img, "text") else ""
+    except OSError:
+        text = ""
+    lines = text.splitlines()
+    fields = dict(kv.split(": ", 1) for kv in (lines[-1].split(", ") if len(lines) > 1 else []) if ": " in kv)
+    name = fields.get("Embedding", "")
+    prompt = lines[0].replace("[name]", name) if lines else ""
+    parts = [f"update {fields.get('Update', update)}", prompt, f"seed {fields['Seed']}" if "Seed" in fields else ""]
+    return " · ".join(p for p in parts if p)
 
 
 def running_config(jobs) -> TrainConfig | None:
@@ -212,15 +308,21 @@ def status_view(st, plots: bool = True) -> dict:
     if st.loss is not None:
         lines.append(f"loss {st.loss:.4f}" + (f" · validation loss {float(st.val_loss):.4f}"
                                               if st.val_loss not in (None, "") else ""))
-    if st.message:
-        lines.append(("**Error:** " if st.state in ("failed", "crashed") else "") + st.message.replace("\n", "  \n"))
+    if st.stopping:
+        lines.append("**Stopping:** the current update finishes, then a resumable state is saved")
+    message = st.message
+    if st.state == "stopped":   # the trainer's message names the CLI flag; on this page the button does it
+        message = message.split("; resume with")[0] + ". Press **Resume** to continue it."
+    if message:
+        lines.append(("**Error:** " if st.state in ("failed", "crashed") else "") + message.replace("\n", "  \n"))
     text = dict(progress="  \n".join(lines), running=st.state == "running", summary=st.summary)
     if not plots:
         return text
     loss, lr = plot_frames(st.rows)
     files = sorted(str(p) for p in Path(st.run_dir).glob("*") if p.suffix in (".safetensors", ".pt", ".json",
                                                                               ".csv", ".bin")) if st.run_dir else []
-    return dict(progress="  \n".join(lines), loss=loss, lr=lr, previews=st.previews[-8:][::-1], files=files,
+    previews = [(p, preview_caption(p)) for p in st.previews[-8:][::-1]]
+    return dict(progress="  \n".join(lines), loss=loss, lr=lr, previews=previews, files=files,
                 run=st.run_dir, running=st.state == "running", summary=st.summary)
 
 
@@ -246,10 +348,12 @@ def build(ctx) -> None:
                                         info="'demo' (built in), a diffusers folder, or a .safetensors/.ckpt file")
                 load_btn = gr.Button("Load", scale=1, size="sm")
             model_info = gr.Markdown("", elem_id="model-info")
+            checks = {"model": gr.Markdown("", elem_id="check-model")}
             with gr.Row():
                 c["data"] = gr.Textbox(cfg.data, label="Dataset folder", scale=4,
                                        info="images (png/jpg/webp/bmp) with optional caption .txt files")
             data_info = gr.Markdown("", elem_id="data-info")
+            checks["data"] = gr.Markdown("", elem_id="check-data")
             thumbs = gr.Gallery(label="Dataset", columns=8, height=120, allow_preview=False, show_label=False)
             with gr.Row():
                 c["name"] = gr.Textbox(cfg.name, label="Embedding name", info="also the word you write in prompts")
@@ -257,6 +361,7 @@ def build(ctx) -> None:
                 c["vectors"] = gr.Number(cfg.vectors, label="Vectors per token", precision=0, minimum=1, maximum=75)
                 c["template"] = gr.Dropdown(list(TEMPLATES), value=cfg.template, label="Prompt template",
                                             allow_custom_value=True)
+            checks["name"] = gr.Markdown("", elem_id="check-name")
             with gr.Row():
                 c["batch_size"] = gr.Number(cfg.batch_size, label="Batch size", precision=0, minimum=1,
                                             info=INFO["batch_size"])
@@ -266,6 +371,7 @@ def build(ctx) -> None:
                 c["step_unit"] = gr.Radio(list(STEP_UNITS), value=cfg.step_unit, label="Steps count",
                                           info=INFO["step_unit"])
             derived = gr.Markdown("", elem_id="derived", elem_classes="et-derived")
+            checks["plan"] = gr.Markdown("", elem_id="check-plan")
             with gr.Row():
                 c["lr"] = gr.Textbox(str(cfg.lr), label="Learning rate", info=INFO["lr"])
                 c["lr_schedule"] = gr.Dropdown(SCHEDULES, value=cfg.lr_schedule, label="LR schedule")
@@ -311,22 +417,28 @@ def build(ctx) -> None:
         with gr.Column(scale=2):
             with gr.Row():
                 train_btn = gr.Button("Train", variant="primary", elem_id="train-button", scale=3)
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1)
-                resume_btn = gr.Button("Resume", elem_id="resume-button", scale=1)
-            message = gr.Markdown("", elem_id="train-message")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1, interactive=False)
+                resume_btn = gr.Button("Resume", elem_id="resume-button", scale=1, interactive=False)
+            form_check = gr.Markdown("", elem_id="form-check")
+            message = gr.Markdown("", elem_id="train-message", label="message")
+            ctx.train_message = message
+            form_ok = gr.State(True)     # this page's form passes the checks (Train may start)
+            seen = gr.State("")          # the job state this page last drew (a change clears old messages)
             progress = gr.Markdown("", elem_id="progress")
             loss_plot = gr.LinePlot(x="update", y="value", color="series", title="Loss", height=260,
                                     x_title="weight update", y_title="loss", elem_id="loss-plot")
             lr_plot = gr.LinePlot(x="update", y="lr", color="series", title="Learning rate", height=180,
                                   x_title="weight update", elem_id="lr-plot")
-            previews = gr.Gallery(label="Latest previews", columns=4, height=220, elem_id="previews")
+            previews = gr.Gallery(label="Latest previews (update · prompt · seed)", columns=4, height=260,
+                                  object_fit="contain", elem_id="previews")
             run_dir = gr.Textbox(label="Run folder", interactive=False, elem_id="run-dir")
             files = gr.File(label="Files written", file_count="multiple", interactive=False, elem_id="run-files")
             with gr.Accordion("Run summary", open=False):
-                summary = gr.Code(label="Running training", language=None, interactive=False)
+                summary = gr.Code(label="Running training", language=None, interactive=False, wrap_lines=True)
             with gr.Accordion("Run history", open=False):
                 refresh_hist = gr.Button("Refresh", size="sm")
-                history = gr.Dataframe(history_frame(ctx.jobs), interactive=False, elem_id="history")
+                history = gr.Dataframe(history_frame(ctx.jobs), interactive=False, elem_id="history", wrap=True,
+                                       max_height=320)
                 resume_pick = gr.Dropdown([], label="Run to resume / open", allow_custom_value=False)
     ctx.train.update(c)
     inputs = [c[k] for k in FIELDS]
@@ -335,16 +447,20 @@ def build(ctx) -> None:
         return dict(zip(FIELDS, args))
 
     # ---- before training: derived numbers, schedule preview, dataset view
+    labels = {k: comp.label for k, comp in c.items()}
+
     def refresh_derived(*args):
         v = values_of(args)
         frame, desc = schedule_frame(ctx, v)
-        return derived_text(ctx, v), frame, desc
+        slots, bad = form_checks(ctx, v, labels)
+        summary_ = (f"Train is off until the form is fixed: {', '.join(bad)}" if bad else "")
+        return (derived_text(ctx, v) if not bad else "", frame, desc if not bad else "", *(slots[k] for k in CHECK_SLOTS),
+                summary_, not bad)
 
-    for k in ("data", "batch_size", "grad_accum", "steps", "step_unit", "lr", "lr_schedule", "lr_piecewise",
-              "lr_warmup", "lr_min", "lr_cycles", "lr_step_size", "lr_step_size_epochs", "lr_cycle_start",
-              "val_split"):
-        c[k].change(refresh_derived, inputs, [derived, schedule_plot, schedule_desc], show_progress="hidden")
-    c["data"].change(dataset_view, c["data"], [data_info, thumbs], show_progress="hidden")
+    check_outputs = [derived, schedule_plot, schedule_desc, *(checks[k] for k in CHECK_SLOTS), form_check, form_ok]
+    gr.on([c[k].change for k in FIELDS], refresh_derived, inputs, check_outputs, show_progress="hidden",
+          api_visibility="private")
+    c["data"].change(dataset_view, c["data"], [data_info, thumbs], show_progress="hidden", api_visibility="private")
 
     def load_model(source):
         from embedtrain import models
@@ -354,7 +470,7 @@ def build(ctx) -> None:
             return f"Error: {e}"
         return f"Loaded **{info.describe()}**"
 
-    load_btn.click(load_model, c["model"], model_info)
+    load_btn.click(load_model, c["model"], model_info, api_name="load_model")
 
     # ---- jobs
     def start(*args):
@@ -365,7 +481,8 @@ def build(ctx) -> None:
         return f"Started: `{run}`"
 
     def stop():
-        return ctx.jobs.stop()
+        said = ctx.jobs.stop()
+        return "" if said.startswith("stopping") else said   # the progress line says "Stopping" while it is
 
     def resume(pick):
         runs = {Path(st.run_dir).name: st.run_dir for st in ctx.jobs.history()}
@@ -387,35 +504,49 @@ def build(ctx) -> None:
 
     # Every open page polls once a second. They share one view per state of the run, and its heavy
     # parts (plots, previews, files) are rebuilt at most every PLOT_REFRESH_S while a job runs: twenty
-    # open pages cost the job a few percent (bench/bench_polling.py).
-    view = {"key": None, "light": None, "heavy": None, "heavy_key": None, "built": 0.0}
+    # open pages cost the job a few percent (bench/bench_polling.py). What differs per page (its form is
+    # valid, the job state it drew last) comes in as gr.State, which costs nothing to send.
+    view = {"key": None, "light": None, "heavy": None, "heavy_key": None, "built": 0.0, "history": None}
     view_lock = threading.Lock()
 
-    def poll():
+    def poll(ok, seen):
         st = ctx.jobs.status()
-        key = (st.run_dir, st.state, st.update, len(st.rows), len(st.previews), st.message, st.weight_updates)
+        key = (st.run_dir, st.state, st.update, len(st.rows), len(st.previews), st.message, st.weight_updates,
+               st.stopping)
         with view_lock:
             if view["key"] != key:
                 heavy_key = (st.run_dir, st.state, len(st.previews), st.message)
                 due = time.monotonic() - view["built"] >= PLOT_REFRESH_S
                 v = status_view(st, plots=heavy_key != view["heavy_key"] or due or not st.running)
-                view["light"] = (v["progress"], v["summary"], gr.update(interactive=not v["running"]))
+                if view["key"] is None or view["key"][:2] != key[:2]:   # a job started or ended
+                    view["history"] = history_frame(ctx.jobs)
+                resumable = not st.running and "stopped" in set(view["history"]["state"])
+                view["light"] = (v["progress"], v["summary"], st.running, resumable)
                 if "loss" in v:
                     view["heavy"] = (v["loss"], v["lr"], v["previews"], v["run"], v["files"] or None)
                     view["heavy_key"], view["built"] = heavy_key, time.monotonic()
                 view["key"] = key
-            progress_, summary_, button = view["light"]
-            return (progress_, *view["heavy"], summary_, button)
+            progress_, summary_, running, resumable = view["light"]
+            heavy, hist = view["heavy"], view["history"]
+        drawn = f"{st.run_dir}|{st.state}"
+        changed = drawn != seen
+        return (progress_, *heavy, summary_,
+                gr.update(interactive=bool(ok) and not running), gr.update(interactive=running),
+                gr.update(interactive=resumable),
+                hist if changed else gr.skip(), gr.update(choices=list(hist["run"])) if changed else gr.skip(),
+                "" if changed and seen and not running else gr.skip(),   # "stopping ..." ends with the job
+                drawn)
 
     timer = gr.Timer(1.0)
-    poll_outputs = [progress, loss_plot, lr_plot, previews, run_dir, files, summary, train_btn]
-    timer.tick(poll, None, poll_outputs, show_progress="hidden", api_name="status")
+    poll_outputs = [progress, loss_plot, lr_plot, previews, run_dir, files, summary, train_btn, stop_btn, resume_btn,
+                    history, resume_pick, message, seen]
+    timer.tick(poll, [form_ok, seen], poll_outputs, show_progress="hidden", api_name="status")
 
     def refresh_history():
         frame = history_frame(ctx.jobs)
         return frame, gr.update(choices=list(frame["run"]))
 
-    refresh_hist.click(refresh_history, None, [history, resume_pick])
+    refresh_hist.click(refresh_history, None, [history, resume_pick], api_visibility="private")
 
     def open_run(pick):
         if not pick:
@@ -427,7 +558,7 @@ def build(ctx) -> None:
         v = status_view(ctx.jobs.status(str(run)))
         return v["run"], v["files"] or None
 
-    resume_pick.change(open_run, resume_pick, [run_dir, files])
+    resume_pick.change(open_run, resume_pick, [run_dir, files], api_visibility="private")
 
     # ---- settings JSON
     def save_settings(*args):
@@ -451,8 +582,8 @@ def build(ctx) -> None:
             return [gr.update() for _ in FIELDS] + [f"Error: {e}"]
         return form_values(loaded) + [f"Loaded settings from {Path(path).name}"]
 
-    save_cfg.click(save_settings, inputs, [cfg_file, message])
-    cfg_file.upload(load_settings, cfg_file, inputs + [message])
+    save_cfg.click(save_settings, inputs, [cfg_file, message], api_visibility="private")
+    cfg_file.upload(load_settings, cfg_file, inputs + [message], api_visibility="private")
 
     # ---- first paint (and every reload): derived numbers, schedule, dataset, history
     def on_load(*args):
@@ -461,10 +592,9 @@ def build(ctx) -> None:
         form = form_values(running) if running else [gr.update() for _ in FIELDS]
         if running:
             args = form
-        d, frame, desc = refresh_derived(*args)
+        checked = refresh_derived(*args)
         text, pics = dataset_view(values_of(args)["data"])
         frame_h = history_frame(ctx.jobs)
-        return (d, frame, desc, text, pics, frame_h, gr.update(choices=list(frame_h["run"])), *form)
+        return (*checked, text, pics, frame_h, gr.update(choices=list(frame_h["run"])), *form)
 
-    ctx.on_load.append((on_load, inputs, [derived, schedule_plot, schedule_desc, data_info, thumbs, history,
-                                          resume_pick, *inputs]))
+    ctx.on_load.append((on_load, inputs, [*check_outputs, data_info, thumbs, history, resume_pick, *inputs]))
