@@ -197,6 +197,7 @@ def test_http_api_with_auth(tmp_path):
 def test_browser_train_stop_reload(tmp_path):
     """Open every tab; train 6 updates from the form and see the loss plot fill and the embedding appear;
     start a long run, reload the page mid-run and find it; press Stop and see it saved and resumable."""
+    from playwright.sync_api import expect
     outputs = tmp_path / "outputs"
     shots = tmp_path / "shots"
     shots.mkdir()
@@ -206,20 +207,48 @@ def test_browser_train_stop_reload(tmp_path):
             page.get_by_role("tab", name=tab).click()
             page.screenshot(path=str(shots / f"tab-{tab}.png"))
         page.wait_for_function("(document.querySelector('#derived') || {innerText: ''}).innerText.includes('images')")
+        assert page.locator("#stop-button").is_disabled() and page.locator("#resume-button").is_disabled()
+        # An invalid form is named beside its fields and cannot start a job (it used to crash after starting).
+        page.get_by_label("Embedding name").fill("star")
+        page.get_by_label("Batch size", exact=True).fill("13")
+        page.get_by_label("Batch size", exact=True).press("Tab")
+        expect(page.locator("#check-name")).to_contain_text("already a word", timeout=20_000)
+        expect(page.locator("#check-plan")).to_contain_text("larger than the 12 training images")
+        expect(page.locator("#train-button")).to_be_disabled()
+        page.get_by_label("Batch size", exact=True).fill("4")
         page.get_by_label("Embedding name").fill("firststar")
         page.get_by_label("Max steps").fill("6")
         page.get_by_label("Max steps").press("Tab")
         page.wait_for_function("(document.querySelector('#derived') || {innerText: ''}).innerText.includes('6 weight updates')")
+        expect(page.locator("#train-button")).to_be_enabled()
+        assert page.inner_text("#check-name").strip() == "" and page.inner_text("#check-plan").strip() == ""
+        page.get_by_text("Validation, saving, previews, seed").click()
+        page.get_by_label("Preview every (updates)").fill("3")
+        page.get_by_label("Preview every (updates)").press("Tab")
+        page.wait_for_timeout(1500)
         page.click("#train-button")
         page.wait_for_function("(document.querySelector('#progress') || {innerText: ''}).innerText.includes('Finished')", timeout=400_000)
+        page.wait_for_timeout(2500)   # the plots' last refresh
         page.screenshot(path=str(shots / "finished.png"), full_page=True)
+        assert [p.name for p in outputs.iterdir() if not p.name.startswith(".")] == [run.name for run in
+                                                                                    outputs.glob("firststar-*")]
         run = next(p for p in outputs.iterdir() if p.name.startswith("firststar-"))
         assert (run / "firststar.safetensors").is_file()
         rows = (run / "log.csv").read_text().strip().splitlines()
         assert len(rows) == 7  # header + 6 updates
         assert "firststar\n.safetensors" in page.inner_text("#run-files")
-        # The loss plot has drawn its points (vega marks in the plot's svg/canvas).
-        assert page.locator("#loss-plot canvas, #loss-plot svg path").count() > 0
+        # What the plots draw on a fresh server's first run: numeric axes and lines (they used to read every
+        # value as a category, "a discrete scale with N values", and draw no line).
+        for plot, series in (("#loss-plot", "loss (smoothed 0.9)"), ("#lr-plot", "lr")):
+            axes = page.eval_on_selector_all(f"{plot} [aria-label*='-axis']", "els => els.map(e => e.getAttribute('aria-label'))")
+            assert len(axes) == 2 and all("linear scale" in a for a in axes), axes
+            assert page.locator(f"{plot} g.mark-line path").count() >= 1
+            marks = page.eval_on_selector_all(f"{plot} [aria-label*='series']", "els => els.map(e => e.getAttribute('aria-label'))")
+            assert any(f"series: {series}" in m for m in marks), marks[:5]
+        # previews carry their update, prompt and seed, as A1111 shows them
+        captions = page.locator("#previews").inner_text()
+        assert "update 6 · a photo of firststar · seed 0" in captions, captions
+        assert "update 3" in captions
 
         # A long run: reload mid-run, find it again, stop it.
         page.get_by_label("Embedding name").fill("secondstar")
@@ -239,9 +268,16 @@ def test_browser_train_stop_reload(tmp_path):
             time.sleep(0.25)
         assert name_box.input_value() == "secondstar"
         assert page.get_by_label("Max steps").input_value() == "5000"
+        expect(page.locator("#stop-button")).to_be_enabled()
         page.click("#stop-button")
         page.wait_for_function("(document.querySelector('#progress') || {innerText: ''}).innerText.includes('Stopped')", timeout=240_000)
         page.screenshot(path=str(shots / "stopped.png"), full_page=True)
+        expect(page.locator("#progress")).to_contain_text("Press Resume to continue")
+        assert "--resume" not in page.inner_text("#progress") and "stopping" not in page.inner_text("#train-message")
+        expect(page.locator("#resume-button")).to_be_enabled()
+        expect(page.locator("#stop-button")).to_be_disabled()
+        page.get_by_text("Run history").click()   # refreshed by itself: no Refresh click
+        expect(page.locator("#history")).to_contain_text("stopped", timeout=10_000)
     run2 = next(p for p in outputs.iterdir() if p.name.startswith("secondstar-"))
     assert (run2 / "secondstar.safetensors").is_file() and (run2 / "resume.pt").is_file()
     from safetensors import safe_open
