@@ -2,7 +2,8 @@
 
 The web UI, the CLI flags and JSON files all fill this same dataclass; `validate()` is the one place
 that checks it, and its errors name the field, the bad value and what would be valid.
-Field names follow DESIGN.md's words (batch_size, grad_accum, steps, step_unit, ...).
+Field names use the words defined in calculator.py and README's "The words" (batch_size, grad_accum,
+steps, step_unit, ...).
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ class TrainConfig:
     lr_gamma: float = _f(1.0, "exp_range: amplitude multiplied by gamma**update")
     lr_cycle_decay: str = _f("", "cyclical: cycles per stage of a stepped top, e.g. '3,2,1.5'")
     lr_decay_factor: float = _f(0.5, "cyclical: top multiplier from one stage of lr_cycle_decay to the next")
-    lr_cycle_start: str = _f("low", "cyclical: start a cycle at the low point (Smith) or high (the users' cosine "
-                                    "runs: 5.5 cycles then end low)")
+    lr_cycle_start: str = _f("low", "cyclical: start a cycle at the low point (Smith) or at the top (5.5 cycles "
+                                    "then end low; docs/guide.md#cyclical-lr)")
     lr_extend: bool = _f(False, "piecewise schedule shorter than the run: hold its last LR instead of refusing")
     # --- optimizer ---
     optimizer: str = _f("adamw", "adamw, adam, sgd, dadapt_adam, prodigy, schedulefree_adamw")
@@ -252,6 +253,13 @@ def apply_preset(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
 
 
 # ---------------------------------------------------------------- CLI flags from the dataclass
+def preset_note(name: str) -> str:
+    """'; model presets change it: demo 5.0' for a field some MODEL_PRESETS set, else ''. Read from the
+    presets themselves, so `--help` never shows a default that the chosen model quietly replaces."""
+    sets = [f"{model} {preset[name]!r}" for model, preset in MODEL_PRESETS.items() if name in preset]
+    return f"; model presets change it: {', '.join(sets)}" if sets else ""
+
+
 def add_arguments(parser: argparse.ArgumentParser, only: set[str] | None = None) -> None:
     """One flag per field (`batch_size` -> `--batch-size`), help text from the field's comment.
 
@@ -260,7 +268,7 @@ def add_arguments(parser: argparse.ArgumentParser, only: set[str] | None = None)
         if only is not None and f.name not in only:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{f.metadata['help']} (default: {f.default!r})"
+        help_ = f"{f.metadata['help']} (default: {f.default!r}{preset_note(f.name)})".replace("%", "%%")
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         else:
