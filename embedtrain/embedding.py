@@ -11,8 +11,11 @@ In prompts the user writes the embedding's name; `TokenSet.expand` replaces it w
 (gaST / gast) still get distinct internal tokens.
 
 Files (DESIGN.md "Embedding files"): safetensors `{"emb_params": [N, dim]}` + metadata (default);
-A1111 `.pt`; diffusers `learned_embeds.safetensors` `{token: [N, dim]}`; SDXL `{clip_l, clip_g}` and
-A1111 embedding PNGs (the 'sd-ti-embedding' text chunk) read.
+A1111 `.pt`; diffusers-format `diffusers/NAME.safetensors` `{token: [N, dim]}` (older runs wrote
+`NAME.learned_embeds.safetensors`); SDXL `{clip_l, clip_g}` and A1111 embedding PNGs (the
+'sd-ti-embedding' text chunk) read.
+Names follow the other clients: A1111, ComfyUI and kohya call an embedding by its file's stem, so every
+file we write has the name as its stem, and a renamed file is read under its new name (see load_embedding).
 Loading never unpickles anything but tensors (`torch.load(weights_only=True)`, refused on torch < 2.6),
 checks sizes and headers before reading data, and bounds decompression; writes are atomic.
 """
@@ -29,10 +32,11 @@ import torch
 from torch import nn
 
 from embedtrain import EmbedtrainError
-from embedtrain.fileio import atomic_path
+from embedtrain.fileio import (EMBEDDING_SUFFIXES, MAX_EMBEDDING_FILE, PNG_EMBEDDING_KEY, PNG_SIGNATURE,
+                               atomic_path)
 
 MAX_HEADER = 4 * 1024 * 1024       # a safetensors header larger than this is refused unread
-MAX_FILE = 64 * 1024 * 1024         # an embedding is kilobytes (75 x 2048 fp32 = 600 kB); refuse larger files unread
+MAX_FILE = MAX_EMBEDDING_FILE       # an embedding is kilobytes (75 x 2048 fp32 = 600 kB); refuse larger files unread
 MAX_PNG_TEXT = 8 * 1024 * 1024      # the A1111 'sd-ti-embedding' PNG text, after decompression
 MAX_VECTORS = 75                    # CLIP's 77-token context minus BOS/EOS
 MAX_DIM = 4096                      # widest token vector accepted (SD 1.x 768, SD 2.x 1024, SDXL 1280)
@@ -172,11 +176,12 @@ def add_embedding(tokenizer, text_encoder, name: str, vectors: torch.Tensor | No
 # ---------------------------------------------------------------- files
 @dataclass
 class LoadedEmbedding:
-    name: str
+    name: str                              # what prompts call it (load_embedding says how it is chosen)
     vectors: torch.Tensor                  # [N, dim] for the (first) CLIP text encoder
     format: str
     meta: dict = field(default_factory=dict)
     vectors_g: torch.Tensor | None = None  # SDXL's second text encoder, when present
+    saved_name: str = ""                   # the name stored inside, when the file was renamed since
 
 
 def _as_matrix(t, where: str, path) -> torch.Tensor:
@@ -302,10 +307,6 @@ def _read_pickle(path: Path) -> dict:
     return data
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_KEY = b"sd-ti-embedding"
-
-
 def _inflate(data: bytes, path: Path) -> bytes:
     """zlib with a ceiling: a small chunk that would inflate past MAX_PNG_TEXT is refused (zlib bomb)."""
     import zlib
@@ -347,7 +348,7 @@ def _png_embedding_text(path: Path) -> bytes:
             if struct.unpack(">I", crc)[0] != zlib.crc32(ctype + body):
                 raise EmbeddingError(f"{path}: a PNG text chunk fails its CRC check: the file is damaged")
             key, _, rest = body.partition(b"\0")
-            if key != PNG_KEY:
+            if key != PNG_EMBEDDING_KEY:
                 continue
             if ctype == b"tEXt":
                 return rest
@@ -357,10 +358,11 @@ def _png_embedding_text(path: Path) -> bytes:
             flag = rest[:1]
             parts = rest[2:].split(b"\0", 2)
             if len(parts) < 3:
-                raise EmbeddingError(f"{path}: the iTXt chunk {PNG_KEY.decode()!r} is malformed")
+                raise EmbeddingError(f"{path}: the iTXt chunk {PNG_EMBEDDING_KEY.decode()!r} is malformed")
             return _inflate(parts[2], path) if flag == b"\x01" else parts[2]
-    raise EmbeddingError(f"{path}: this PNG holds no embedding (no {PNG_KEY.decode()!r} text chunk, as AUTOMATIC1111 "
-                         "writes). Embeddings hidden only in the pixels are not read; use the .pt or .safetensors")
+    raise EmbeddingError(f"{path}: this PNG holds no embedding (no {PNG_EMBEDDING_KEY.decode()!r} text chunk, as "
+                         "AUTOMATIC1111 writes). Embeddings hidden only in the pixels are not read; use the .pt or "
+                         ".safetensors")
 
 
 def _read_png(path: Path) -> dict:
@@ -382,8 +384,8 @@ def _read_png(path: Path) -> dict:
     except (binascii.Error, ValueError, RecursionError) as e:
         if isinstance(e, EmbeddingError):
             raise
-        raise EmbeddingError(f"{path}: the {PNG_KEY.decode()!r} text is not base64 of JSON: the data is missing or "
-                             "damaged") from None
+        raise EmbeddingError(f"{path}: the {PNG_EMBEDDING_KEY.decode()!r} text is not base64 of JSON: the data is "
+                             "missing or damaged") from None
     if not isinstance(data, dict):
         raise EmbeddingError(f"{path}: the PNG's embedding data is not a JSON object")
     return data
@@ -403,8 +405,11 @@ def _from_a1111_dict(data: dict, path: Path, stem: str, fmt: str) -> LoadedEmbed
         t = params.get("*", next(iter(params.values())))
         meta = {k: str(data[k]) for k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
                 if data.get(k) is not None}
-        return LoadedEmbedding(str(data.get("name") or stem), _as_matrix(t, "string_to_param['*']", path),
-                               fmt, meta)
+        inner = str(data.get("name") or stem)
+        # A1111 calls a .pt/.bin by its file's stem (the inner name only shows renames) but an embedding
+        # card by the name inside it (card images are often saved under any name)
+        name, saved = (inner, "") if fmt == "a1111-png" else (stem, inner)
+        return LoadedEmbedding(name, _as_matrix(t, "string_to_param['*']", path), fmt, meta, saved_name=saved)
     if "emb_params" in data:
         return LoadedEmbedding(stem, _as_matrix(data["emb_params"], "emb_params", path), fmt)
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
@@ -421,30 +426,46 @@ def load_embedding(path) -> LoadedEmbedding:
     Hostile or damaged files raise EmbeddingError naming the file: pickles are loaded with
     weights_only=True (nothing but tensors and plain data), safetensors headers are checked before
     any data is read, PNG chunks and their decompression are bounded, and files over MAX_FILE are
-    refused unread. The name stored inside a file is used only if it is a safe name (it may end up in
-    file names and prompts); otherwise the file's own name is."""
+    refused unread.
+
+    The name is the one AUTOMATIC1111, ComfyUI and kohya would give it: the file's stem (a renamed
+    `mystar.pt` saved as `purplestar` is `mystar`, with `saved_name` 'purplestar'), except for A1111
+    embedding PNGs (the card's inner name, as A1111 reads them) and diffusers-format files (the token
+    inside, as diffusers reads them; a bare `learned_embeds` stem says nothing). A name must be safe
+    (it may end up in file names and prompts): an unsafe stem gives way to a safe inner name, an
+    unsafe inner name to the stem."""
     path = Path(path)
     if not path.is_file():
         raise EmbeddingError(f"embedding file {path} does not exist")
-    stem = path.stem.replace(".learned_embeds", "")
+    stem = path.stem.removesuffix(".learned_embeds")  # the diffusers-format name older runs wrote
     loaded = _load_any(path, stem)
+    loaded.name = _safe_name(loaded.name) or _safe_name(loaded.saved_name) or stem
+    saved = _safe_name(loaded.saved_name)
+    # a snapshot NAME-<update> is a version of NAME, not a rename
+    renamed = saved and saved != loaded.name and not re.fullmatch(re.escape(saved) + r"-\d+", loaded.name)
+    loaded.saved_name = saved if renamed else ""
+    return loaded
+
+
+def _safe_name(name: str) -> str:
     from embedtrain.config import ConfigError, check_safe_name
     try:
-        loaded.name = check_safe_name(loaded.name)
+        return check_safe_name(name) if name else ""
     except ConfigError:
-        loaded.name = stem
-    return loaded
+        return ""
 
 
 def _load_any(path: Path, stem: str) -> LoadedEmbedding:
     if path.suffix.lower() == ".safetensors":
         tensors, meta = _read_safetensors(path)
-        name = meta.get("name", stem)
+        saved = meta.get("name", "")
         if "emb_params" in tensors:
-            return LoadedEmbedding(name, _as_matrix(tensors["emb_params"], "emb_params", path), "safetensors", meta)
+            return LoadedEmbedding(stem, _as_matrix(tensors["emb_params"], "emb_params", path), "safetensors", meta,
+                                   saved_name=saved)
         if "clip_l" in tensors:
             vg = _as_matrix(tensors["clip_g"], "clip_g", path) if "clip_g" in tensors else None
-            return LoadedEmbedding(name, _as_matrix(tensors["clip_l"], "clip_l", path), "sdxl", meta, vg)
+            return LoadedEmbedding(stem, _as_matrix(tensors["clip_l"], "clip_l", path), "sdxl", meta, vg,
+                                   saved_name=saved)
         if len(tensors) == 1:
             (token, t), = tensors.items()
             return LoadedEmbedding(meta.get("name", token.strip("<>") or stem),
@@ -455,13 +476,14 @@ def _load_any(path: Path, stem: str) -> LoadedEmbedding:
         return _from_a1111_dict(_read_pickle(path), path, stem, "a1111")
     if path.suffix.lower() == ".png":
         return _from_a1111_dict(_read_png(path), path, stem, "a1111-png")
-    raise EmbeddingError(f"{path}: unsupported file type {path.suffix!r}; use .safetensors, .pt, .bin or an "
-                         "A1111 embedding .png")
+    raise EmbeddingError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(EMBEDDING_SUFFIXES[:-1])} "
+                         "or an A1111 embedding .png")
 
 
 def save_embedding(path, vectors: torch.Tensor, name: str, meta: dict | None = None,
                    fmt: str = "safetensors") -> Path:
-    """Write one embedding atomically in `fmt` (safetensors | a1111 | diffusers).
+    """Write one embedding atomically in `fmt` (safetensors | a1111 | diffusers) to `path`
+    (`embedding_file` gives the path other clients read under `name`).
 
     A failed write (disk full, read-only folder) raises EmbeddingError naming the file; the file that
     was there before, if any, is left as it was."""
@@ -473,7 +495,7 @@ def save_embedding(path, vectors: torch.Tensor, name: str, meta: dict | None = N
         raise EmbeddingError(f"refusing to write {path}: the vectors hold NaN or infinite values")
     meta = {str(k): str(v) for k, v in (meta or {}).items()}
     meta.setdefault("name", name)
-    if fmt not in FORMAT_SUFFIX:
+    if fmt not in FORMAT_FILES:
         raise EmbeddingError(f"save format must be safetensors, a1111 or diffusers, got {fmt!r}")
     try:
         _write(path, t, name, meta, fmt)
@@ -498,14 +520,65 @@ def _write(path: Path, t: torch.Tensor, name: str, meta: dict, fmt: str) -> None
         elif fmt == "diffusers":
             save_file({name: t}, str(tmp), metadata=meta)
         elif fmt == "a1111":
-            torch.save({
+            tmp.write_bytes(a1111_zip(torch_bytes({
                 "string_to_token": {"*": 265},  # the id of '*' in SD 1.x's CLIP vocabulary, as A1111 writes it
                 "string_to_param": {"*": t},
                 "name": name,
                 "step": int(meta.get("updates", meta.get("step", 0)) or 0),
                 "sd_checkpoint": meta.get("base_model_hash"),
                 "sd_checkpoint_name": meta.get("base_model"),
-            }, tmp)
+            })))
 
 
+def torch_bytes(obj) -> bytes:
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+# The entries AUTOMATIC1111's safe loader (modules/safe.py, on by default) accepts in a zip .pt; any other
+# entry makes it refuse the file as possibly malicious.
+A1111_ZIP_ENTRY = re.compile(r"^([^/]+)/((data/\d+)|version|(data\.pkl))$")
+ZIP_ALIGN = 64  # torch aligns each entry's data to 64 bytes (torch.load(mmap=True) maps storages in place)
+
+
+def a1111_zip(raw: bytes) -> bytes:
+    """torch.save's zip with only the entries A1111 accepts: data.pkl, version and data/N.
+
+    torch >= 2.1 also writes byteorder, .data/serialization_id (and 2.13 .format_version and
+    .storage_alignment); torch.load does without them (it assumes little-endian, as every torch before
+    2.1 wrote), so dropping them loses nothing. Entries stay uncompressed and 64-byte aligned, as torch
+    writes them."""
+    import io
+    import zipfile
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            if not A1111_ZIP_ENTRY.match(info.filename):
+                continue
+            entry = zipfile.ZipInfo("archive/" + info.filename.split("/", 1)[1], date_time=(1980, 1, 1, 0, 0, 0))
+            # pad the local header's extra field so the data starts on a ZIP_ALIGN boundary
+            start = out.tell() + 30 + len(entry.filename.encode()) + 4  # 30: the fixed header, 4: the field's id+size
+            pad = -start % ZIP_ALIGN
+            entry.extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # 0x4246 'FB': torch's padding field id
+            dst.writestr(entry, src.read(info))
+    return out.getvalue()
+
+
+# Where each format's file goes in a folder. Every stem is the name, because A1111, ComfyUI and kohya
+# call an embedding by its file's stem; NAME.safetensors is the default format's, so the
+# diffusers-format file goes into a subfolder.
+FORMAT_FILES = {"safetensors": "{name}.safetensors", "a1111": "{name}.pt", "diffusers": "diffusers/{name}.safetensors"}
+
+
+def embedding_file(folder, name: str, fmt: str) -> Path:
+    """The path of `name`'s file in `fmt` inside `folder` (a run folder)."""
+    if fmt not in FORMAT_FILES:
+        raise EmbeddingError(f"save format must be one of {', '.join(FORMAT_FILES)}, got {fmt!r}")
+    return Path(folder) / FORMAT_FILES[fmt].format(name=name)
+
+
+# The suffixes callers used to append to the name; the diffusers one made other clients call the
+# embedding 'NAME.learned_embeds'. Kept until every caller uses embedding_file.
 FORMAT_SUFFIX = {"safetensors": ".safetensors", "a1111": ".pt", "diffusers": ".learned_embeds.safetensors"}

@@ -1,15 +1,22 @@
-"""Atomic file writes: a crash never leaves a half-written file where a good one was.
+"""Atomic file writes: a crash never leaves a half-written file where a good one was. Also which
+files are embeddings, told without torch (the web UI lists them and must not import torch).
 
 Write to a temp file in the same folder, flush + fsync, then os.replace (atomic on POSIX and
-Windows when source and target share a filesystem).
+Windows when source and target share a filesystem). The file gets the mode a plain open() gives a
+new file (0o666 minus the umask), not mkstemp's private 0o600: a web UI or ComfyUI running as another
+user must be able to read the embeddings, snapshots and grids.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
+
+_umask_lock = threading.Lock()
 
 
 @contextmanager
@@ -24,6 +31,7 @@ def atomic_path(path):
         with open(tmp, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
+        _chmod_like_open(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -32,6 +40,32 @@ def atomic_path(path):
         except FileNotFoundError:
             pass
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows.
+
+    os.umask can only be read by setting it, and for that instant every file another thread creates
+    gets the temporary mask; so /proc/self/status (Linux 4.7+) is read first, and the set-and-restore
+    fallback runs under a lock (which keeps our own writers from racing each other, not other code)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def _chmod_like_open(tmp) -> None:
+    try:
+        os.chmod(tmp, 0o666 & ~current_umask())
+    except OSError:  # a filesystem without POSIX modes (some network or FUSE mounts): keep what it gave
+        pass
 
 
 def remove_stale_temps(folder) -> list[Path]:
@@ -67,3 +101,53 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------- embedding files, told without torch
+# Every suffix embedding.load_embedding reads; the Grid tab offers the same (PNGs only with the chunk).
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt", ".png")
+MAX_EMBEDDING_FILE = 64 * 1024 * 1024   # an embedding is kilobytes (75 x 2048 fp32 = 600 kB); larger files are refused
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_EMBEDDING_KEY = b"sd-ti-embedding"  # the text chunk AUTOMATIC1111 writes an embedding card's data into
+
+
+def png_has_embedding(path) -> bool:
+    """Whether a PNG carries an AUTOMATIC1111 embedding (an 'sd-ti-embedding' text chunk).
+
+    Only chunk headers and text keywords are read, no pixels and no text bodies: previews and grids
+    (plain PNGs, some with large text chunks) are ruled out in a few small reads each."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != PNG_SIGNATURE:
+                return False
+            while True:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return False
+                length, ctype = struct.unpack(">I4s", head)
+                if ctype == b"IEND":
+                    return False
+                skip = length + 4  # the body and its CRC
+                if ctype in (b"tEXt", b"zTXt", b"iTXt"):
+                    part = fh.read(min(length, 80))  # a keyword is 1-79 bytes, then a NUL
+                    if part.partition(b"\0")[0] == PNG_EMBEDDING_KEY and b"\0" in part:
+                        return True
+                    skip -= len(part)
+                fh.seek(skip, 1)
+    except OSError:
+        return False
+
+
+def is_embedding_file(path) -> bool:
+    """A file load_embedding may read: a known suffix, not over the size limit, and for a PNG the
+    embedding chunk. Cheap (a stat, and a few reads for PNGs); whether the contents load is for
+    load_embedding to say."""
+    path = Path(path)
+    if path.suffix.lower() not in EMBEDDING_SUFFIXES:
+        return False
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_EMBEDDING_FILE:
+            return False
+    except OSError:
+        return False
+    return path.suffix.lower() != ".png" or png_has_embedding(path)
