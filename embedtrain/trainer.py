@@ -348,7 +348,7 @@ class Trainer:
         self.warnings = list(getattr(schedule, "warnings", []))
         if self.val_samples and (len(self.val_samples) < 4 or len(self.val_samples) <= cfg.batch_size):
             self.warnings.append(f"only {len(self.val_samples)} validation images: validation loss can mislead "
-                                 "on a set this small (SCIENCE.md section 3)")
+                                 "on a set this small (docs/guide.md#validation-loss)")
 
         events = _EventSink(run_dir, on_event, enabled=main, resume=resume)
         vectors = self.token.vectors
@@ -725,7 +725,12 @@ def cli(argv) -> int:
     if result.status == "failed":
         print(f"error: {result.message}", file=sys.stderr)
         return 1
-    print(f"{result.status}: {result.updates} updates, loss {result.final_loss}, val loss {result.val_loss}")
+    # 4 significant digits; a missing number is said in words, never printed as None.
+    loss = "no loss measured" if result.final_loss is None else f"loss {result.final_loss:.4g}"
+    val = (f"validation loss {result.val_loss:.4g}" if result.val_loss is not None
+           else "no validation set" if not (cfg.val_split or cfg.val_data)
+           else "no validation loss at the last update")
+    print(f"{result.status}: {result.updates} updates, {loss}, {val}")
     if result.message:
         print(result.message)
     for f in result.files:
