@@ -97,8 +97,10 @@ def test_bad_input_shows_one_message_naming_the_field(key, value, says):
     out = compute(values(**{key: value}))
     label = INPUTS[key][0]
     assert out["error"].startswith(f"**{label}**") and says in out["error"], out["error"]
-    # nothing stale is left on the page, and nothing can be sent to the Train tab
-    assert out["summary"] == "" and out["derived"].empty and out["study"].empty and out["clr"] == ""
+    # nothing stale is left on the page, every emptied section says why, and nothing can be sent to the Train tab
+    assert out["derived"].empty and out["study"].empty and out["full_cycle"].empty and out["clr_table"].empty
+    for key_ in ("summary", "clr", "study_note", "full_cycle_note", "target"):
+        assert out[key_].startswith("Nothing to show until the inputs above are fixed") and says in out[key_]
     assert out["settings"] is None and tab.use_settings(values(**{key: value})) is None
 
 
@@ -179,9 +181,17 @@ def test_calculator_tab_in_chromium(tmp_path):
     with app_server(tmp_path / "outputs") as url, chromium_page() as page:
         page.goto(url)
         page.get_by_role("tab", name="Calculator").click()
+        # it opens on the Train tab's dataset (the demo's 12 images) and settings (BS 4, 200 updates)
+        expect(summary_of(page)).to_contain_text("200 steps (updates) = 200 batches = 200 weight updates = "
+                                                 "66.6667 epochs (66 whole) on 12 images")
+        expect(page.locator("#calc-use")).to_be_enabled()
+        type_into(page, "images", 26)
+        type_into(page, "batch_size", 13)
+        type_into(page, "grad_accum", 2)
+        type_into(page, "steps", 3000)
+        page.locator("#calc-step-unit").get_by_label("batch").check()
         expect(summary_of(page)).to_contain_text("1500 weight updates = 1500 epochs")
         expect(page.locator("#calc-study")).to_contain_text("346.1538")
-        expect(page.locator("#calc-use")).to_be_visible()
 
         # the guide's GAST run: typed in, read back
         type_into(page, "batch_size", 3)
@@ -241,12 +251,16 @@ def test_calculator_tab_in_chromium(tmp_path):
         expect(field("Gradient accumulation")).to_have_value("3")
         expect(field("Max steps")).to_have_value("29")
         expect(train.get_by_label("update", exact=True)).to_be_checked()
-        # bad input sends nothing: a warning, and the Train tab keeps its values
+        # bad input sends nothing: the button is off, the emptied tables say why, the Train tab keeps its values
         page.get_by_role("tab", name="Calculator").click()
         type_into(page, "batch_size", 0)
         expect(error).to_be_visible()
-        page.locator("#calc-use").click()
-        expect(page.get_by_text("Fix the calculator's inputs first")).to_be_visible()
-        expect(page.get_by_role("tab", name="Calculator", selected=True)).to_be_visible()
+        expect(page.locator("#calc-use")).to_be_disabled()
+        expect(page.locator("#calc-study-note")).to_contain_text("Nothing to show until the inputs above are fixed")
         page.get_by_role("tab", name="Train").click()
         expect(field("Batch size")).to_have_value("2")
+        # "Read the Train tab" takes the dataset's count and the form's settings again
+        page.get_by_role("tab", name="Calculator").click()
+        page.locator("#calc-from-train").click()
+        expect(summary_of(page)).to_contain_text("on 12 images")
+        expect(page.locator("#calc-use")).to_be_enabled()

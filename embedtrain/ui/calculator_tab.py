@@ -103,11 +103,26 @@ def _full_cycle_columns(units: str) -> list[str]:
 
 
 def empty_outputs(error: str = "") -> dict:
+    """The outputs with no numbers; with an error, every section says why it is empty."""
+    why = f"Nothing to show until the inputs above are fixed: {error}" if error else ""
     return {
-        "error": error, "summary": "", "derived": _frame(DERIVED_COLUMNS), "full_cycle": _frame(_full_cycle_columns("steps")),
-        "full_cycle_note": "", "target": "", "clr": "", "clr_table": _frame(CLR_COLUMNS),
-        "study": _frame(STUDY_COLUMNS), "study_note": "", "settings": None,
+        "error": error, "summary": why, "derived": _frame(DERIVED_COLUMNS),
+        "full_cycle": _frame(_full_cycle_columns("steps")), "full_cycle_note": why, "target": why, "clr": why,
+        "clr_table": _frame(CLR_COLUMNS), "study": _frame(STUDY_COLUMNS), "study_note": why, "settings": None,
     }
+
+
+def from_train(data: str, batch_size, grad_accum, steps, step_unit, val_split) -> dict:
+    """Calculator inputs for the Train tab's form: its dataset's usable images (0 when the folder cannot be
+    read: the calculator then says why) and its BS, GA, steps, step unit and validation split."""
+    from embedtrain import EmbedtrainError
+    from embedtrain.ui.train_tab import _count_images
+    try:
+        images = _count_images(str(data or ""))
+    except (EmbedtrainError, OSError):
+        images = 0
+    return {"images": images, "batch_size": batch_size, "grad_accum": grad_accum, "steps": steps,
+            "step_unit": step_unit, "val_split": val_split}
 
 
 def compute(values: dict) -> dict:
@@ -168,7 +183,7 @@ def compute(values: dict) -> dict:
             pass
     out["target"] = "\n".join(lines) or "Type a target number of epochs or weight updates."
 
-    # 4. cyclical learning rates (Smith 2017; SCIENCE.md section 2)
+    # 4. cyclical learning rates (Smith 2017; docs/guide.md, "Cycling the learning rate")
     upe = d.updates_per_epoch
     u = d.weight_updates
     clr = [f"- updates per epoch = images / (BS x GA{' x processes' if d.processes > 1 else ''}) = "
@@ -213,6 +228,9 @@ def use_settings(values: dict) -> dict | None:
 
 # ------------------------------------------------------------------ layout and wiring
 
+FROM_TRAIN = ("data", "batch_size", "grad_accum", "steps", "step_unit", "val_split")  # Train inputs read
+
+
 def build(ctx) -> None:
     first = compute(DEFAULTS)
     box = {}
@@ -242,7 +260,9 @@ def build(ctx) -> None:
     with gr.Row():
         use = gr.Button("Use these settings", variant="primary", scale=0, min_width=200, elem_id="calc-use",
                         interactive=bool(targets))
-        gr.Markdown("sends batch size, gradient accumulation, steps and step unit to the Train tab" if targets
+        reread = gr.Button("Read the Train tab", scale=0, min_width=160, elem_id="calc-from-train")
+        gr.Markdown("**Use these settings** sends batch size, gradient accumulation, steps and step unit to the Train "
+                    "tab; **Read the Train tab** takes its dataset's image count and settings" if targets
                     else "(the Train tab is not available, so there is nothing to send the settings to)")
     derived = gr.Dataframe(first["derived"], label="Derived numbers (formula with your numbers filled in)",
                            wrap=True, interactive=False, elem_id="calc-derived")
@@ -281,10 +301,26 @@ def build(ctx) -> None:
 
     def refresh(*args):
         out = compute(dict(zip(names, args)))
-        return [gr.update(value=warn(out["error"]), visible=bool(out["error"]))] + [out[k] for k in list(shown)[1:]]
+        return [gr.update(value=warn(out["error"]), visible=bool(out["error"]))] + \
+            [out[k] for k in list(shown)[1:]] + [gr.update(interactive=bool(targets) and out["settings"] is not None)]
 
-    gr.on([c.change for c in box.values()], refresh, inputs=[box[k] for k in names], outputs=list(shown.values()),
-          show_progress="hidden", api_visibility="private")
+    gr.on([c.change for c in box.values()], refresh, inputs=[box[k] for k in names],
+          outputs=list(shown.values()) + [use], show_progress="hidden", api_visibility="private")
+
+    # The calculator opens on the Train tab's dataset and settings (and can read them again), so "Use these
+    # settings" sends numbers that fit the dataset the Train tab will use.
+    sources = [ctx.train.get(k) for k in FROM_TRAIN]
+    if all(src is not None for src in sources):
+        filled = ["images", "batch_size", "grad_accum", "steps", "step_unit", "val_split"]
+
+        def read_train(*args):
+            got = from_train(*args)
+            return [got[k] for k in filled]
+
+        reread.click(read_train, sources, [box[k] for k in filled], api_visibility="private")
+        ctx.on_load.append((read_train, sources, [box[k] for k in filled]))
+    else:
+        reread.visible = False
 
     if not targets:
         return
