@@ -86,6 +86,23 @@ def test_module_does_not_import_torch():
 
 @pytest.mark.slow
 @pytest.mark.browser
+def assert_draws_lines(page, plot: str, x_title: str) -> None:
+    """The plot draws what it should: numeric axes over finite values (not categories, not an empty
+    Infinity..-Infinity domain) and at least one line."""
+    axes = page.eval_on_selector_all(f"{plot} [aria-label*='-axis']", "els => els.map(e => e.getAttribute('aria-label'))")
+    assert any(f"titled '{x_title}' for a linear scale" in a for a in axes), axes
+    assert all("linear scale" in a and "Infinity" not in a for a in axes), axes
+    assert page.locator(f"{plot} g.mark-line path").count() >= 1
+
+
+def test_describe_changes_names_what_use_this_range_changes():
+    from embedtrain.ui.lr_tab import describe_changes
+    said = describe_changes({"lr_schedule": "triangular", "lr": "0.02", "lr_min": 0.001},
+                            {"lr_schedule": "constant", "lr": "0.020", "lr_min": 0.0}, {"lr_schedule": "LR schedule"})
+    assert said == "LR schedule: constant → triangular; lr_min: 0.0 → 0.001"
+    assert describe_changes({"lr": "0.1"}, {"lr": "0.1"}, {}).startswith("nothing")
+
+
 def test_lr_tab_in_chromium(tmp_path):
     from playwright.sync_api import expect
     data = make_images(tmp_path / "data", 8)
@@ -115,6 +132,7 @@ def test_lr_tab_in_chromium(tmp_path):
         expect(verdict).to_contain_text("small validation set (2 images, one batch)")  # 25% of 8, BS 2
         expect(page.locator("#lr-status")).to_contain_text("finished")
         expect(page.locator("#lr-range-plot canvas, #lr-range-plot svg").first).to_be_visible()
+        assert_draws_lines(page, "#lr-range-plot", "learning rate")
         expect(page.locator("#lr-image img")).to_be_visible()
         run = next((outputs / "lr").glob("zorblat-lrfind-*"))
         report = json.loads((run / "lr_find.json").read_text())
@@ -127,6 +145,8 @@ def test_lr_tab_in_chromium(tmp_path):
         expect(page.get_by_role("tab", name="Train", selected=True)).to_be_visible()
         expect(field("Learning rate")).to_have_value(f"{report['upper']:.3g}")
         expect(train.get_by_label("LR schedule")).to_have_value("triangular")
+        # ... and says there what it changed (the schedule switch was silent)
+        expect(page.locator("#train-message")).to_contain_text("LR schedule: constant → triangular")
 
         # sweep: two candidates, half an epoch each, recommendation and "Use this LR"
         page.get_by_role("tab", name="LR finder").click()
@@ -138,10 +158,12 @@ def test_lr_tab_in_chromium(tmp_path):
         expect(verdict).to_contain_text("LR 0.05: ")
         expect(verdict).to_contain_text("LR 0.2: ")
         expect(page.locator("#lr-sweep-plot canvas, #lr-sweep-plot svg").first).to_be_visible()
+        assert_draws_lines(page, "#lr-sweep-plot", "weight update")
         report = json.loads(next((outputs / "lr").glob("zorblat-sweep-*/sweep.json")).read_text())
         page.screenshot(path=str(tmp_path / "lr-sweep.png"), full_page=True)
         page.locator("#lr-use-lr").click()
         expect(page.get_by_role("tab", name="Train", selected=True)).to_be_visible()
         expect(field("Learning rate")).to_have_value(f"{report['recommended_lr']:.3g}")
         expect(train.get_by_label("LR schedule")).to_have_value("constant")
+        expect(page.locator("#train-message")).to_contain_text("LR schedule: triangular → constant")
         assert "Traceback" not in page.content()

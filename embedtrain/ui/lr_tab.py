@@ -32,7 +32,8 @@ COMMAND = {"range": "lr-find", "sweep": "sweep"}
 RESULT = {"range": "lr_find", "sweep": "sweep"}
 
 INTRO = """\
-Find a learning rate before a long run (the users' protocol, SCIENCE.md 1-3). **Range test**: one run whose LR
+Find a learning rate before a long run (the **Guide** tab explains both tests and what the users found with them,
+also in `docs/guide.md`). **Range test**: one run whose LR
 rises from a low to a high value; the validation loss says where learning starts (lower bound) and where it
 stops helping (upper bound). **Sweep**: a few short constant-LR runs from the same fresh embedding; the
 recommendation is the highest LR whose validation loss keeps falling (the users found the range test reads
@@ -154,6 +155,19 @@ def range_settings(report: dict, k: float) -> dict:
     return {"lr_schedule": "triangular", "lr_min": float(f"{report['lower']:.3g}"),
             "lr": f"{report['upper']:.3g}", "lr_step_size": step, "lr_step_size_epochs": 0,
             "lr_cycle_start": "low"}
+
+
+def describe_changes(settings: dict, before: dict, labels: dict) -> str:
+    """What sending `settings` changes in the Train tab, in words: "LR schedule: constant -> triangular; ...".
+    Values already equal are left out; `labels` maps field names to the Train tab's labels."""
+    def same(a, b):
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return str(a).strip() == str(b).strip()
+    changed = [f"{labels.get(k, k)}: {before.get(k)!s} → {v!s}" for k, v in settings.items()
+               if k in before and not same(before[k], v)]
+    return "; ".join(changed) if changed else "nothing: the Train tab already had these values"
 
 
 def lr_settings(report: dict) -> dict:
@@ -376,33 +390,40 @@ def build(ctx) -> None:
     # ---- "Use this range" / "Use this LR": fill the Train tab's inputs and switch to it
     switch = ctx.tabs
 
-    def send(settings: dict, what: str):
-        targets = [k for k in settings if ctx.train.get(k) is not None]
-        if not targets:
-            return [f"The Train tab has no LR inputs to fill; set these by hand: {settings}"] + \
-                [gr.skip() for _ in send_keys] + ([gr.skip()] if switch is not None else [])
-        words = ", ".join(f"{k} = {settings[k]}" for k in targets)
-        out = [f"Sent {what} to the Train tab: {words}"]
-        out += [settings[k] if k in targets else gr.skip() for k in send_keys]
-        return out + ([gr.Tabs(selected="train")] if switch is not None else [])
-
     send_keys = [k for k in ("lr_schedule", "lr_min", "lr", "lr_step_size", "lr_step_size_epochs", "lr_cycle_start")
                  if ctx.train.get(k) is not None]
-    send_outputs = [sent] + [ctx.train[k] for k in send_keys] + ([switch] if switch is not None else [])
+    labels = {k: ctx.train[k].label for k in send_keys}
+    told = [ctx.train_message] if ctx.train_message is not None else []
+    send_outputs = [sent] + [ctx.train[k] for k in send_keys] + told + ([switch] if switch is not None else [])
 
-    def send_range(k):
+    def send(settings: dict, what: str, before: dict):
+        """Fill the Train tab and switch to it, saying there (and here) what changed, e.g. the schedule."""
+        targets = [k for k in settings if k in send_keys]
+        if not targets:
+            return [f"The Train tab has no LR inputs to fill; set these by hand: {settings}"] + \
+                [gr.skip() for _ in send_outputs[1:]]
+        said = f"Sent {what} to the Train tab. Changed {describe_changes(settings, before, labels)}."
+        out = [said] + [settings[k] if k in targets else gr.skip() for k in send_keys]
+        return out + [said for _ in told] + ([gr.Tabs(selected="train")] if switch is not None else [])
+
+    def refused(e):
+        return [f"**Error:** {e}"] + [gr.skip()] * (len(send_outputs) - 1)
+
+    def send_range(k, *current):
         _, report = jobs.latest("range")
         try:
-            return send(range_settings(report or {}, k), "the range (triangular cycle)")
+            return send(range_settings(report or {}, k), "the range (a triangular cycle between its bounds)",
+                        dict(zip(send_keys, current)))
         except EmbedtrainError as e:
-            return [f"**Error:** {e}"] + [gr.skip()] * (len(send_outputs) - 1)
+            return refused(e)
 
-    def send_lr():
+    def send_lr(*current):
         _, report = jobs.latest("sweep")
         try:
-            return send(lr_settings(report or {}), "the recommended LR")
+            return send(lr_settings(report or {}), "the recommended LR (constant)", dict(zip(send_keys, current)))
         except EmbedtrainError as e:
-            return [f"**Error:** {e}"] + [gr.skip()] * (len(send_outputs) - 1)
+            return refused(e)
 
-    use_range.click(send_range, k_epochs, send_outputs, api_visibility="private")
-    use_lr.click(send_lr, None, send_outputs, api_visibility="private")
+    current = [ctx.train[k] for k in send_keys]
+    use_range.click(send_range, [k_epochs, *current], send_outputs, api_visibility="private")
+    use_lr.click(send_lr, current, send_outputs, api_visibility="private")
