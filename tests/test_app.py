@@ -360,3 +360,22 @@ def test_run_reader_follows_appends_partial_lines_and_rewrites(tmp_path):
     loss, lr = plot_frames(rows)
     assert len(lr) <= 610 and lr["update"].iloc[-1] == 5000
     assert ((loss["series"] == "validation loss") & (loss["update"] == 1234)).sum() == 1
+
+
+def test_api_names_its_endpoints_parameters_and_outputs(tmp_path):
+    """The API offers the endpoints people call, by name, with named parameters and outputs; the page's
+    internal events (live form checks, refreshes) are private (they were fifteen /refresh_derived_N)."""
+    from embedtrain.ui.app import build_app
+    from embedtrain.ui.context import UIContext
+    from embedtrain.ui.train_tab import FIELDS
+    info = build_app(UIContext(outputs=tmp_path / "outputs")).get_api_info()
+    named = info["named_endpoints"]
+    assert set(named) == {"/train", "/stop", "/resume", "/status", "/load_model", "/grid", "/grid_stop", "/study",
+                          "/grid_embeddings", "/grid_use_settings"}, sorted(named)
+    assert not info.get("unnamed_endpoints")
+    assert [p["parameter_name"] for p in named["/train"]["parameters"]] == FIELDS
+    for name, ep in named.items():
+        params = [p["parameter_name"] for p in ep["parameters"]]
+        labels = [r["label"] for r in ep["returns"]]
+        assert not any(p.startswith("param_") for p in params), (name, params)
+        assert not any(str(lb).startswith("value_") for lb in labels), (name, labels)

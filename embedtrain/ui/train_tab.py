@@ -9,6 +9,7 @@ status_view) are tested without a browser.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from pathlib import Path
@@ -347,7 +348,7 @@ def build(ctx) -> None:
                 c["model"] = gr.Textbox(cfg.model, label="Model", scale=4,
                                         info="'demo' (built in), a diffusers folder, or a .safetensors/.ckpt file")
                 load_btn = gr.Button("Load", scale=1, size="sm")
-            model_info = gr.Markdown("", elem_id="model-info")
+            model_info = gr.Markdown("", elem_id="model-info", label="model")
             checks = {"model": gr.Markdown("", elem_id="check-model")}
             with gr.Row():
                 c["data"] = gr.Textbox(cfg.data, label="Dataset folder", scale=4,
@@ -424,10 +425,11 @@ def build(ctx) -> None:
             ctx.train_message = message
             form_ok = gr.State(True)     # this page's form passes the checks (Train may start)
             seen = gr.State("")          # the job state this page last drew (a change clears old messages)
-            progress = gr.Markdown("", elem_id="progress")
-            loss_plot = gr.LinePlot(x="update", y="value", color="series", title="Loss", height=260,
+            progress = gr.Markdown("", elem_id="progress", label="progress")
+            loss_plot = gr.LinePlot(x="update", y="value", color="series", title="Loss", height=260, label="loss",
                                     x_title="weight update", y_title="loss", elem_id="loss-plot")
             lr_plot = gr.LinePlot(x="update", y="lr", color="series", title="Learning rate", height=180,
+                                  label="learning rate",
                                   x_title="weight update", elem_id="lr-plot")
             previews = gr.Gallery(label="Latest previews (update · prompt · seed)", columns=4, height=260,
                                   object_fit="contain", elem_id="previews")
@@ -438,6 +440,7 @@ def build(ctx) -> None:
             with gr.Accordion("Run history", open=False):
                 refresh_hist = gr.Button("Refresh", size="sm")
                 history = gr.Dataframe(history_frame(ctx.jobs), interactive=False, elem_id="history", wrap=True,
+                                       label="Run history",
                                        max_height=320)
                 resume_pick = gr.Dropdown([], label="Run to resume / open", allow_custom_value=False)
     ctx.train.update(c)
@@ -498,6 +501,9 @@ def build(ctx) -> None:
             return f"Error: {e}"
         return f"Resumed: `{run}`"
 
+    # API callers see /train's parameters by their config names (model, data, name, ...), not param_0..28.
+    start.__signature__ = inspect.Signature([inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                                             for k in FIELDS])
     train_btn.click(start, inputs, message, api_name="train")
     stop_btn.click(stop, None, message, api_name="stop")
     resume_btn.click(resume, resume_pick, message, api_name="resume")
