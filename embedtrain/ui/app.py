@@ -21,6 +21,7 @@ TABS = [
     ("Calculator", "calculator", "embedtrain.ui.calculator_tab"),
     ("LR finder", "lr", "embedtrain.ui.lr_tab"),
     ("Grid", "grid", "embedtrain.ui.grid_tab"),
+    ("Guide", "guide", "embedtrain.ui.guide_tab"),
 ]
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 from embedtrain import calculator as calc
 from embedtrain.calculator import CalcError
 
-# Every word once (DESIGN.md "Words"); the inputs' info lines give units and valid values only.
+# Every word once (the README's "The words"); the inputs' info lines give units and valid values only.
 GLOSSARY = """\
 | word | meaning |
 |---|---|

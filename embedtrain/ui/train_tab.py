@@ -33,7 +33,8 @@ INFO = {
     "batch_size": "images per batch (per process)",
     "grad_accum": "gradient accumulation: batches summed into one weight update",
     "steps": "training length, counted in the step unit",
-    "step_unit": "update = weight updates (A1111's code, diffusers); batch = batches shown (the users' guide)",
+    "step_unit": "update = weight updates (A1111's code, diffusers, kohya); batch = batches shown (the A1111 wiki and "
+                 "the 'Steps and GA' write-up; see the Guide tab)",
     "lr": "learning rate; the top of a cyclical schedule. A1111 syntax such as 0.005:100, 1e-3:1000, 1e-5 "
           "also works here",
     "val_split": "fraction of the images held out for validation loss (0 = none)",
