@@ -36,6 +36,7 @@ from pathlib import Path
 
 from embedtrain import EmbedtrainError
 from embedtrain.config import model_cfg_scale
+from embedtrain.fileio import EMBEDDING_SUFFIXES
 
 PLACEHOLDERS = ("{}", "[name]")
 DEFAULT_PROMPTS = ("a photo of {}", "a {} on a green background")
@@ -311,15 +312,23 @@ def compose(images: list, n_cols: int, col_labels=None, row_labels=None, margin:
 @dataclass
 class Column:
     """One column (or row, swapped) of a grid: an embedding, or the baseline."""
-    name: str                       # the label's title: the embedding's name
+    name: str                       # the embedding's name (what A1111 prompts call it), or the baseline's
     text: str                       # what replaces the placeholder in prompts
     details: list[str] = field(default_factory=list)
     path: str = ""
     meta: dict = field(default_factory=dict)
+    note: str = ""                  # a renamed file: "file name; saved as OLDNAME"
+    where: str = ""                 # the run folder (or more of the path) when another file has this name
+
+    @property
+    def title(self) -> str:
+        """The header: the name, plus what tells it apart or explains it."""
+        extra = "; ".join(x for x in (self.where, self.note) if x)
+        return f"{self.name} ({extra})" if extra else self.name
 
     @property
     def label(self) -> list[str]:
-        return [self.name, *self.details]
+        return [self.title, *self.details]
 
 
 def load_columns(pipe, paths, model_name: str = "the model") -> list[Column]:
@@ -342,8 +351,39 @@ def load_columns(pipe, paths, model_name: str = "the model") -> list[Column]:
                             f"{model_name} needs size {dim}: pick embeddings trained on this model family")
         k = len(install(pipe.tokenizer, pipe.text_encoder).extras)
         ts = add_embedding(pipe.tokenizer, pipe.text_encoder, f"gridemb{k}", emb.vectors, check_vocab=False)
-        columns.append(Column(emb.name, " ".join(ts.tokens), describe_meta(emb.meta), str(path), dict(emb.meta)))
+        # the name is the file's (as in A1111); a renamed file's header also shows the name it was saved as
+        note = f"file name; saved as {emb.saved_name}" if emb.saved_name else ""
+        columns.append(Column(emb.name, " ".join(ts.tokens), describe_meta(emb.meta), str(path), dict(emb.meta),
+                              note=note))
     return columns
+
+
+def tell_apart(columns: list[Column]) -> list[Column]:
+    """Columns of different files with the same name get where their file is (`where`) in the title:
+    the run folder, or as much of the path below their common folder as it takes. The same file
+    picked twice, and names that differ only in case (gaST, GAST), stay as they are."""
+    import os
+    groups: dict[str, set] = {}
+    for c in columns:
+        if c.path:
+            groups.setdefault(c.name, set()).add(Path(c.path).absolute())
+    where = {}
+    for paths in groups.values():
+        if len(paths) < 2:
+            continue
+        try:
+            common = Path(os.path.commonpath(list(paths)))
+        except ValueError:  # different drives (Windows)
+            where.update({p: str(p) for p in paths})
+            continue
+        rel = {p: p.relative_to(common) for p in paths}
+        if len({p.name for p in paths}) == 1 and all(r.parent.parts for r in rel.values()):
+            # the same file name in different folders: the folders say it
+            where.update({p: r.parent.as_posix() for p, r in rel.items()})
+        else:
+            where.update({p: r.as_posix() for p, r in rel.items()})
+    return [replace(c, where=where[Path(c.path).absolute()]) if c.path and Path(c.path).absolute() in where else c
+            for c in columns]
 
 
 def baseline_column(text: str) -> Column:
@@ -422,7 +462,7 @@ def render_grid(pipe, info, embeddings, settings: GridSettings, out=None, progre
     columns = [c if isinstance(c, Column) else None for c in embeddings]
     paths = [p for p, c in zip(embeddings, columns) if c is None]
     loaded = iter(load_columns(pipe, paths, f"model {info.name!r} ({info.architecture})"))
-    columns = [c if c is not None else next(loaded) for c in columns]
+    columns = tell_apart([c if c is not None else next(loaded) for c in columns])
     if s.baseline is not None:
         columns.append(baseline_column(s.baseline))
     if not columns:
@@ -431,7 +471,7 @@ def render_grid(pipe, info, embeddings, settings: GridSettings, out=None, progre
     _check_lengths(pipe, s.prompts, columns)
 
     rows = [(p, seed) for p in s.prompts for seed in s.seeds]
-    cells = [Cell(r, c, fill(p, col.name if col.path else (col.text or "")), seed, col.name)
+    cells = [Cell(r, c, fill(p, col.name if col.path else (col.text or "")), seed, col.title)
              for r, (p, seed) in enumerate(rows) for c, col in enumerate(columns)]
     texts = [fill(rows[cell.row][0], columns[cell.col].text) for cell in cells]
 
@@ -482,7 +522,7 @@ def render_grid(pipe, info, embeddings, settings: GridSettings, out=None, progre
                    for col, line in zip(columns, demo_score_lines(images, len(columns)))]
     fields = dict(Steps=s.sample_steps, Sampler=sampler, **{"CFG scale": _num(s.cfg_scale)},
                   Seed=s.seeds[0], Size=f"{width}x{height}", **{"Model hash": info.hash}, Model=info.name)
-    grid_fields = axes_fields(fields, [c.name for c in columns], rows, s.swap_axes)
+    grid_fields = axes_fields(fields, [c.title for c in columns], rows, s.swap_axes)
     parameters = infotext(cells[0].prompt, s.negative_prompt, grid_fields)
     grid = grid_picture(images, rows, columns, s)
     result = GridResult(None, None, grid, images, cells, columns, parameters, fields=fields)
@@ -577,12 +617,13 @@ def _write(result: GridResult, s: GridSettings, fields: dict, info) -> list[Path
     files = []
     for i, (cell, im) in enumerate(zip(result.cells, result.images)):
         col = result.columns[cell.col]
-        name = f"{i:04d}-{safe_filename(col.name)}-seed{cell.seed}.png"
-        text = infotext(cell.prompt, s.negative_prompt, dict(fields, Seed=cell.seed, Embedding=col.name))
+        name = f"{i:04d}-{safe_filename(col.title)}-seed{cell.seed}.png"
+        text = infotext(cell.prompt, s.negative_prompt, dict(fields, Seed=cell.seed, Embedding=col.title))
         files.append(_png(im, result.folder / name, text))
     spec = {
         "model": info.name, "model_hash": info.hash, "settings": asdict(s),
-        "columns": [{"name": c.name, "path": c.path, "details": c.details, "meta": c.meta} for c in result.columns],
+        "columns": [{"name": c.name, "title": c.title, "path": c.path, "details": c.details, "meta": c.meta}
+                    for c in result.columns],
         "cells": [dict(asdict(c), file=f.name) for c, f in zip(result.cells, files)],
     }
     files.append(_png(result.image, result.path, result.parameters, {"embedtrain": json.dumps(spec)}))
@@ -779,7 +820,8 @@ def cli_grid(argv=None) -> int:
                                 "rows = prompts x seeds, columns = embeddings, every column from the same noise.")
     p.add_argument("--model", default="demo", help="'demo', 'tiny', a diffusers folder or a checkpoint file")
     p.add_argument("--model-config", default="", help="local diffusers folder with a checkpoint's configs")
-    p.add_argument("--embeddings", nargs="*", default=[], help="embedding files (.safetensors, .pt, .bin)")
+    p.add_argument("--embeddings", nargs="*", default=[], help="embedding files ("
+                   + ", ".join(EMBEDDING_SUFFIXES[:-1]) + " or an A1111 embedding .png)")
     p.add_argument("--baseline", nargs="?", const="@init", default=None, metavar="TEXT",
                    help="add a baseline column: TEXT in place of the embedding; without TEXT the init text "
                         "from the embeddings' metadata (or no embedding); --baseline '' = no embedding")

@@ -183,6 +183,55 @@ def test_missing_or_incompatible_embedding_is_a_clear_error(tiny, tmp_path):
         render_grid(pipe, info, [junk], s)
 
 
+def test_columns_of_one_name_from_different_files_are_told_apart(tmp_path):
+    from embedtrain.grid import Column, tell_apart
+    out = tmp_path / "outputs"
+
+    def col(name, rel):
+        return Column(name, name, path=str(out / rel))
+    cols = tell_apart([col("zorb", "zorb-20250101/zorb.safetensors"), col("zorb", "zorb-20250102/zorb.safetensors"),
+                       col("gaST", "study/gaST/gaST.safetensors"), col("GAST", "study/GAST/GAST.safetensors"),
+                       col("zorb", "zorb-20250101/zorb.safetensors"), Column("baseline: star", "star")])
+    assert [c.title for c in cols] == ["zorb (zorb-20250101)", "zorb (zorb-20250102)", "gaST", "GAST",
+                                       "zorb (zorb-20250101)", "baseline: star"]
+    assert [c.name for c in cols][:2] == ["zorb", "zorb"]   # prompts still call it by its name
+    # one run folder: its default file and its diffusers-format file; deeper folders with one name
+    same_run = tell_apart([col("zorb", "run/zorb.safetensors"), col("zorb", "run/diffusers/zorb.safetensors")])
+    assert [c.title for c in same_run] == ["zorb (zorb.safetensors)", "zorb (diffusers/zorb.safetensors)"]
+    studies = tell_apart([col("s-gaST", "study-1/gaST/s-gaST.safetensors"),
+                          col("s-gaST", "study-2/gaST/s-gaST.safetensors")])
+    assert [c.title for c in studies] == ["s-gaST (study-1/gaST)", "s-gaST (study-2/gaST)"]
+    # the same file twice (a control column) needs nothing
+    assert [c.title for c in tell_apart([col("a", "r/a.pt"), col("a", "r/a.pt")])] == ["a", "a"]
+    noted = Column("mystar", "x", path=str(out / "r1/mystar.pt"), note="file name; saved as purplestar")
+    assert [c.title for c in tell_apart([noted, col("mystar", "r2/mystar.pt")])] == \
+        ["mystar (r1; file name; saved as purplestar)", "mystar (r2)"]
+
+
+def test_headers_say_when_a_file_was_renamed_and_which_run_it_is(tiny, tmp_path):
+    import shutil
+
+    from embedtrain.grid import load_columns
+    pipe, info = tiny
+    g = torch.Generator().manual_seed(1)
+    a = save_embedding(tmp_path / "run-1" / "zorb.safetensors", torch.randn(1, 32, generator=g), "zorb", META)
+    b = save_embedding(tmp_path / "run-2" / "zorb.safetensors", torch.randn(1, 32, generator=g), "zorb", META)
+    saved = save_embedding(tmp_path / "dl" / "purplestar.pt", torch.randn(1, 32, generator=g), "purplestar",
+                           fmt="a1111")
+    renamed = tmp_path / "dl" / "mystar.pt"
+    shutil.copy(saved, renamed)
+    cols = load_columns(pipe, [renamed, saved])
+    assert [c.title for c in cols] == ["mystar (file name; saved as purplestar)", "purplestar"]
+    s = GridSettings(prompts=["a {}"], seeds=[1], sample_steps=1, batch_size=4, width=32, height=32)
+    r = render_grid(pipe, info, [a, b, renamed], s, tmp_path / "grids" / "g.png")
+    assert [c.label[0] for c in r.columns] == ["zorb (run-1)", "zorb (run-2)",
+                                               "mystar (file name; saved as purplestar)"]
+    assert 'X Values: "zorb (run-1), zorb (run-2), mystar (file name; saved as purplestar)"' in r.parameters
+    assert r.cells[0].prompt == "a zorb"   # the prompt names the embedding as A1111 would
+    assert [f.name for f in r.files[:2]] == ["0000-zorb_run-1-seed1.png", "0001-zorb_run-2-seed1.png"]
+    assert "Embedding: zorb (run-2)" in Image.open(r.files[1]).text["parameters"]
+
+
 def test_cfg_scale_defaults_to_the_models_and_a_typed_value_wins():
     import argparse
     from embedtrain.config import TrainConfig, apply_preset

@@ -73,6 +73,34 @@ def test_helpers_offer_outputs_files_and_build_checked_commands(tmp_path, images
         study_command(ctx, {"data": str(images), "low": "13", "high": "3,17"}, v)
 
 
+def test_choices_include_embedding_pngs_and_the_diffusers_file_but_not_previews_grids_or_models(tmp_path):
+    import base64
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from embedtrain.embedding import embedding_file
+    from embedtrain.ui.grid_tab import embedding_choices
+    out = tmp_path / "outputs"
+    vec = torch.ones(1, 32)
+    for fmt in ("safetensors", "a1111", "diffusers"):
+        save_embedding(embedding_file(out / "zorb-run", "zorb", fmt), vec, "zorb", fmt=fmt)
+    (out / "zorb-run" / "previews").mkdir()
+    preview = PngInfo()
+    preview.add_text("parameters", "a photo of zorb\nSteps: 20")
+    Image.new("RGB", (16, 16)).save(out / "zorb-run" / "previews" / "zorb-2.png", pnginfo=preview)
+    (out / "grids").mkdir()
+    Image.new("RGB", (16, 16)).save(out / "grids" / "grid-1.png")
+    card = PngInfo()   # an AUTOMATIC1111 embedding card dropped into outputs
+    card.add_text("sd-ti-embedding", base64.b64encode(json.dumps(
+        {"string_to_param": {"*": {"TORCHTENSOR": vec.tolist()}}, "name": "card"}).encode()).decode())
+    (out / "cards").mkdir()
+    Image.new("RGB", (16, 16)).save(out / "cards" / "card.png", pnginfo=card)
+    with open(out / "cards" / "model.safetensors", "wb") as fh:   # too big for an embedding: not offered
+        fh.truncate(65 * 2 ** 20)
+    assert set(embedding_choices(out)) == {"zorb-run/zorb.safetensors", "zorb-run/zorb.pt",
+                                          "zorb-run/diffusers/zorb.safetensors", "cards/card.png"}
+
+
 @pytest.mark.browser
 @pytest.mark.slow
 def test_grid_tab_renders_shows_errors_and_sends_settings(tmp_path, images):

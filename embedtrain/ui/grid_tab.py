@@ -19,11 +19,11 @@ import gradio as gr
 
 from embedtrain import EmbedtrainError
 from embedtrain.config import model_cfg_scale
+from embedtrain.fileio import is_embedding_file
 from embedtrain.grid import (DEFAULT_PROMPTS, SAMPLERS, GridError, GridSettings, parse_pair, default_out,
                              parse_prompts, parse_seeds)
 from embedtrain.ui.jobs import launch
 
-EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 BASELINES = ["none", "init text", "no embedding", "this text"]
 # The Train tab inputs "Use these settings" fills from a run's config.json (those that exist are used).
 SEND = ("model", "data", "name", "init_text", "vectors", "batch_size", "grad_accum", "steps", "step_unit", "lr",
@@ -38,16 +38,20 @@ STUDY_FIELDS = ["data", "name", "init_text", "low", "high", "low_steps", "high_s
 
 # ------------------------------------------------------------------ pure helpers
 def embedding_choices(outputs: Path, limit: int = 300) -> list[str]:
-    """Embedding files under the outputs folder (final files and snapshots), newest first, as relative paths."""
+    """Embedding files under the outputs folder (final files, snapshots, A1111 embedding PNGs; not previews,
+    grids or resume states), newest first, as relative paths."""
     outputs = Path(outputs)
     if not outputs.is_dir():
         return []
     found = []
     for p in outputs.rglob("*"):
         rel = p.relative_to(outputs)
-        if (p.suffix.lower() in EMBEDDING_SUFFIXES and p.name != "resume.pt" and p.is_file()
-                and not any(part.startswith(".") for part in rel.parts)):
-            found.append((p.stat().st_mtime, rel.as_posix()))
+        if (p.name != "resume.pt" and not any(part.startswith(".") for part in rel.parts)
+                and is_embedding_file(p)):
+            try:
+                found.append((p.stat().st_mtime, rel.as_posix()))
+            except OSError:  # deleted meanwhile (a run cleaning up)
+                continue
     return [rel for _, rel in sorted(found, reverse=True)[:limit]]
 
 
