@@ -21,6 +21,7 @@ import argparse
 import colorsys
 import json
 import sys
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from embedtrain import EmbedtrainError
 from embedtrain.config import model_cfg_scale
 from embedtrain.demo.world import (BACKGROUNDS, COLOURS, HELD_OUT, RESOLUTION, SHAPES, Spec,
                                    shape_mask)
@@ -177,9 +179,38 @@ FIDELITY_PROMPTS = ("a photo of a {t}", "a {t}", "a picture of the {t}", "a clos
 EDIT_BACKGROUNDS = ("green", "blue", "yellow", "white")
 
 
+class Progress:
+    """Progress of a scoring run on stderr (stdout keeps only the scores, so --json stays parseable):
+    one line per sampled batch, "score: 96/896 images (seen combinations), 41 s elapsed".
+
+    `plan(total)` sets the number of images the whole run samples, `stage(label)` names the part now
+    running, and calling the object with n counts n more images done."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
+        self.total = self.done = 0
+        self.label = ""
+        self.t0 = time.perf_counter()
+
+    def plan(self, total: int) -> None:
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+
+    def say(self, text: str) -> None:
+        print(f"score: {text}, {time.perf_counter() - self.t0:.0f} s elapsed", file=self.stream or sys.stderr,
+              flush=True)
+
+    def stage(self, label: str) -> None:
+        self.label = label
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        self.say(f"{self.done}/{self.total} images" + (f" ({self.label})" if self.label else ""))
+
+
 def generate(pipe, prompts, seeds, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
-             batch_size: int = 32):
-    """One image per (prompt, seed); each image's noise depends only on its own seed."""
+             batch_size: int = 32, progress=None):
+    """One image per (prompt, seed); each image's noise depends only on its own seed.
+    progress: optional callable, given the number of images of each batch once it is sampled."""
     import torch
     images = []
     for i in range(0, len(prompts), batch_size):
@@ -188,11 +219,18 @@ def generate(pipe, prompts, seeds, steps: int = SAMPLE_STEPS, guidance: float = 
             out = pipe(prompt=list(prompts[i:i + batch_size]), generator=gens, num_inference_steps=steps,
                        guidance_scale=guidance, height=RESOLUTION, width=RESOLUTION, output_type="pil")
         images += out.images
+        if progress:
+            progress(len(out.images))
     return images
 
 
+def fidelity_images(n: int) -> int:
+    """Images one `fidelity` call samples: every fidelity and editability prompt, n seeds each."""
+    return (len(FIDELITY_PROMPTS) + len(EDIT_BACKGROUNDS)) * n
+
+
 def fidelity(pipe, token: str, n: int = QUICK_SEEDS, seed: int = 0, steps: int = SAMPLE_STEPS,
-             guidance: float = GUIDANCE, concept: tuple[str, str] = HELD_OUT, expand=None) -> dict:
+             guidance: float = GUIDANCE, concept: tuple[str, str] = HELD_OUT, expand=None, progress=None) -> dict:
     """Concept fidelity and editability of `token` (already usable in prompts of `pipe`).
 
     Args:
@@ -200,6 +238,7 @@ def fidelity(pipe, token: str, n: int = QUICK_SEEDS, seed: int = 0, steps: int =
         n: seeds per prompt (seed, seed + 1, ...), the same for every prompt.
         concept: (colour, shape) the token should draw.
         expand: optional function applied to each prompt before sampling (e.g. TokenSet.expand).
+        progress: optional callable given the images of each sampled batch (see `Progress`).
     Returns: {"concept_fidelity", "editability", "images"...}; fidelity = shape and colour right for
         FIDELITY_PROMPTS; editability = background right and the concept kept for
         "a {t} on a {bg} background", bg in EDIT_BACKGROUNDS.
@@ -211,7 +250,8 @@ def fidelity(pipe, token: str, n: int = QUICK_SEEDS, seed: int = 0, steps: int =
     prompts = [p for p, _ in fid + edit]
     if expand:
         prompts = [expand(p) for p in prompts]
-    images = generate(pipe, prompts, seeds * (len(FIDELITY_PROMPTS) + len(EDIT_BACKGROUNDS)), steps, guidance)
+    images = generate(pipe, prompts, seeds * (len(FIDELITY_PROMPTS) + len(EDIT_BACKGROUNDS)), steps, guidance,
+                      progress=progress)
     k = len(fid)
     return {"concept_fidelity": round(score_images(images[:k], fid), 4),
             "editability": round(score_images(images[k:], edit), 4),
@@ -219,7 +259,7 @@ def fidelity(pipe, token: str, n: int = QUICK_SEEDS, seed: int = 0, steps: int =
 
 
 def seen_agreement(pipe, n: int = 96, seed: int = 0, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
-                   form: str = "a {c} {s} on a {b} background") -> dict:
+                   form: str = "a {c} {s} on a {b} background", progress=None) -> dict:
     """Judge agreement on seen (shape, colour, background) combinations: shape and colour both right."""
     import random
     rng = random.Random(seed)
@@ -230,7 +270,7 @@ def seen_agreement(pipe, n: int = 96, seed: int = 0, steps: int = SAMPLE_STEPS, 
             continue
         specs.append(Spec(s, c, rng.choice([b for b in BACKGROUNDS if b != c])))
     prompts = [form.format(c=sp.colour, s=sp.shape, b=sp.background) for sp in specs]
-    images = generate(pipe, prompts, [seed + i for i in range(n)], steps, guidance)
+    images = generate(pipe, prompts, [seed + i for i in range(n)], steps, guidance, progress=progress)
     js = [judge(im) for im in images]
     return {
         "shape_and_colour": round(sum(j.shape == sp.shape and j.colour == sp.colour for j, sp in zip(js, specs)) / n, 4),
@@ -263,7 +303,7 @@ def load_demo_pipeline(model: str = "demo"):
     from diffusers import StableDiffusionPipeline
     folder = DEMO_MODEL if model == "demo" else Path(model)
     if not (folder / "model_index.json").is_file():
-        raise ValueError(f"--model {model!r}: no diffusers pipeline at {folder} (model_index.json missing)"
+        raise EmbedtrainError(f"--model {model!r}: no diffusers pipeline at {folder} (model_index.json missing)"
                          + ("; run `python -m embedtrain.demo.pretrain --out assets/demo_model`" if model == "demo" else ""))
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -295,15 +335,23 @@ def _print_scores(scores: dict, as_json: bool) -> None:
 
 
 def evaluate_model(folder: Path, n_seen: int = CARD_SEEN, n: int = CARD_SEEDS, embedding: str | None = None,
-                   ti_note: str = "", status: str | None = None, log=print) -> dict:
+                   ti_note: str = "", status: str | None = None, log=print, progress: Progress | None = None) -> dict:
     """Measure the model card's scores and rewrite the card (scores.json + README.md).
 
     Scores and status saved for this same model state (weights and sampler) are kept unless measured or
     given again; those of another state are dropped (a status describes the state it was written about).
+    progress: a `Progress` to report to (the CLI's prints a line per sampled batch); None = silent.
     """
     from embedtrain.demo.pretrain import CARD_STATS, SCORES, model_state, read_scores, scores_current, write_card
     folder = Path(folder)
+    if not (folder / CARD_STATS).is_file():
+        raise EmbedtrainError(f"{folder}: not a demo model folder ({CARD_STATS} is missing; it is written by "
+                              "python -m embedtrain.demo.pretrain)")
     stats = json.loads((folder / CARD_STATS).read_text(encoding="utf-8"))
+    progress = progress or (lambda n: None)
+    if isinstance(progress, Progress):
+        progress.plan(n_seen + fidelity_images(n) * (3 if embedding else 2))
+        progress.say(f"loading {folder}")
     pipe = load_demo_pipeline(str(folder))
     saved = read_scores(folder)
     same = scores_current(saved, stats, folder)
@@ -312,22 +360,26 @@ def evaluate_model(folder: Path, n_seen: int = CARD_SEEN, n: int = CARD_SEEDS, e
             f"({saved.get('measured_on') or 'not recorded'})")
     scores = dict(saved.get("scores", {})) if same else {}
     scores["judge accuracy on 500 clean renders (shape, colour, background all right)"] = clean_accuracy()["all"]
-    seen = seen_agreement(pipe, n=n_seen)
+    _stage(progress, f"seen combinations, {n_seen} prompts")
+    seen = seen_agreement(pipe, n=n_seen, progress=progress)
     sampler = f"{SAMPLE_STEPS} {type(pipe.scheduler).__name__} steps, guidance {GUIDANCE}"
     scores[f"seen combinations, judge agrees on shape and colour ({n_seen} prompts 'a COLOUR SHAPE on a BG "
            f"background', {sampler})"] = seen["shape_and_colour"]
     scores["seen combinations: shape / colour / background right"] = \
         f"{seen['shape']} / {seen['colour']} / {seen['background']}"
-    base = fidelity(pipe, HELD_OUT[1], n=n)
+    _stage(progress, f"init text '{HELD_OUT[1]}', {n} seeds per prompt")
+    base = fidelity(pipe, HELD_OUT[1], n=n, progress=progress)
     scores[f"held-out {' '.join(HELD_OUT)}, init text '{HELD_OUT[1]}' before training ({n} seeds per prompt): "
            "concept fidelity / editability"] = f"{base['concept_fidelity']} / {base['editability']}"
-    words = fidelity(pipe, " ".join(HELD_OUT), n=n)
+    _stage(progress, f"the words '{' '.join(HELD_OUT)}', {n} seeds per prompt")
+    words = fidelity(pipe, " ".join(HELD_OUT), n=n, progress=progress)
     scores[f"held-out concept prompted by its words '{' '.join(HELD_OUT)}' ({n} seeds per prompt): concept "
            "fidelity / editability"] = \
         f"{words['concept_fidelity']} / {words['editability']}"
     if embedding:
         token, expand = load_embedding_into(pipe, embedding)
-        ti = fidelity(pipe, token, n=n, expand=expand)
+        _stage(progress, f"embedding {Path(embedding).name}, {n} seeds per prompt")
+        ti = fidelity(pipe, token, n=n, expand=expand, progress=progress)
         scores[f"after textual inversion ({ti_note or Path(embedding).name}; {n} seeds per prompt): concept "
                "fidelity / editability"] = \
             f"{ti['concept_fidelity']} / {ti['editability']}"
@@ -338,7 +390,23 @@ def evaluate_model(folder: Path, n_seen: int = CARD_SEEN, n: int = CARD_SEEDS, e
     return scores
 
 
+def _stage(progress, label: str) -> None:
+    if isinstance(progress, Progress):
+        progress.stage(label)
+
+
+def _one_line(err: BaseException) -> str:
+    """An error as one line that names the file: OSError's filename and reason, else the message."""
+    if isinstance(err, OSError) and err.filename:
+        text = f"{err.filename}: {err.strerror or err}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
+
+
 def cli(argv=None) -> int:
+    """`python -m embedtrain score`: the scores on stdout, progress on stderr; a file that cannot be used
+    (missing, damaged, a refused pickle) or a folder that is not a demo model gives one line and exit 2."""
     p = argparse.ArgumentParser(prog="python -m embedtrain score",
                                 description="concept fidelity and editability of an embedding on the demo model")
     p.add_argument("--model", default="demo", help="'demo' (assets/demo_model) or a diffusers folder")
@@ -362,22 +430,38 @@ def cli(argv=None) -> int:
         args.n = CARD_SEEDS if args.evaluate_model else QUICK_SEEDS
     if args.n < 1:
         p.error(f"--n must be at least 1, got {args.n}")
-    if args.evaluate_model:
-        status = None
-        if args.status_file:
-            if not Path(args.status_file).is_file():
-                p.error(f"--status-file {args.status_file!r}: no such file")
-            status = Path(args.status_file).read_text(encoding="utf-8")
-        _print_scores(evaluate_model(Path(args.evaluate_model), n=args.n, embedding=args.embedding,
-                                     ti_note=args.ti_note, status=status), args.json)
-        return 0
-    if not args.embedding and not args.token:
+    if not args.evaluate_model and not args.embedding and not args.token:
         p.error("give --embedding FILE (or --token WORD to score a word the model knows)")
-    pipe = load_demo_pipeline(args.model)
-    token, expand = (load_embedding_into(pipe, args.embedding, args.token) if args.embedding
-                     else (args.token, None))
-    scores = fidelity(pipe, token, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                      expand=expand)
+    try:
+        if args.embedding and not Path(args.embedding).is_file():   # before the model loads
+            raise EmbedtrainError(f"embedding file {args.embedding} does not exist")
+        if args.evaluate_model:
+            status = None
+            if args.status_file:
+                if not Path(args.status_file).is_file():
+                    p.error(f"--status-file {args.status_file!r}: no such file")
+                status = Path(args.status_file).read_text(encoding="utf-8")
+            if not Path(args.evaluate_model).is_dir():
+                raise EmbedtrainError(f"--evaluate-model {args.evaluate_model}: no such folder")
+            _print_scores(evaluate_model(Path(args.evaluate_model), n=args.n, embedding=args.embedding,
+                                         ti_note=args.ti_note, status=status, progress=Progress(),
+                                         log=lambda m: print(f"score: {m}", file=sys.stderr)), args.json)
+            return 0
+        progress = Progress()
+        progress.plan(fidelity_images(args.n))
+        progress.say(f"loading model {args.model}")
+        try:
+            pipe = load_demo_pipeline(args.model)
+            token, expand = (load_embedding_into(pipe, args.embedding, args.token) if args.embedding
+                             else (args.token, None))
+        except ValueError as e:   # an embedding that diffusers' own loader refuses (no embedtrain.embedding)
+            raise EmbedtrainError(str(e)) from None
+        progress.stage(f"'{args.token or token}', {args.n} seeds per prompt")
+        scores = fidelity(pipe, token, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                          expand=expand, progress=progress)
+    except (EmbedtrainError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
     if args.save_grid:
         ims = scores["images"]
         cols = len(ims) // (len(FIDELITY_PROMPTS) + len(EDIT_BACKGROUNDS))
@@ -390,4 +474,6 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from embedtrain.__main__ import quiet_libraries
+    quiet_libraries()
     sys.exit(cli())
