@@ -1,4 +1,4 @@
-"""The arithmetic of steps, epochs and weight updates (DESIGN.md "Words"; SCIENCE.md sections 2 and 4).
+"""The arithmetic of steps, epochs and weight updates (docs/guide.md: "Steps, GA and full-cycle", "Cyclical LR").
 
 Every trainer counts differently, so users argue about "steps". This module is the one place where
 the words are turned into numbers, and the trainer, the CLI and the UI all call it:
@@ -164,7 +164,7 @@ def split_counts(images, val_split=0.0) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Derived:
-    """Every number that follows from one training setting; names are DESIGN.md's words."""
+    """Every number that follows from one training setting; names are the words of this module's docstring."""
 
     images: int                # training images after the split, times repeats
     batch_size: int
@@ -176,7 +176,7 @@ class Derived:
     weight_updates: int
     images_shown: int          # batches x batch_size x processes
     epochs: float              # images_shown / images, exact
-    epochs_floor: int          # whole epochs completed (what the users' guide reports)
+    epochs_floor: int          # whole epochs completed (what docs/guide.md#steps-and-ga reports)
     batches_per_epoch: float   # images / (batch_size x processes)
     updates_per_epoch: float   # images / (batch_size x grad_accum x processes)
     full_cycle: bool           # images == batch_size x grad_accum x processes
@@ -314,7 +314,7 @@ def _pairs(n: int, cap: int, processes: int) -> list[tuple[int, int]]:
 
 def full_cycle_settings(images, max_batch_size=None, processes=1) -> list[tuple[int, int]]:
     """Every (batch_size, grad_accum) with batch_size x grad_accum x processes == images, batch_size <=
-    max_batch_size (what the GPU fits; None = no cap), lowest GA first as the users' guide advises.
+    max_batch_size (what the GPU fits; None = no cap), lowest GA first as docs/guide.md#steps-and-ga advises.
 
     Empty when images is not a multiple of processes.
     """
@@ -458,8 +458,8 @@ def updates_for_cycles(cycles, step_size) -> int:
 
 
 def step_size_for_cycles(total_updates, cycles) -> int:
-    """The reverse: the step size that fits `cycles` cycles into a run (the users' preference on small
-    datasets, where k x epoch gives too many cycles). Rounded half up, at least 1."""
+    """The reverse: the step size that fits `cycles` cycles into a run (docs/guide.md#cyclical-lr: on small
+    datasets k x epoch gives too many cycles). Rounded half up, at least 1."""
     total = _whole("total_updates", total_updates)
     c = _real("cycles", cycles, "a number > 0", lambda x: x > 0)
     return max(1, math.floor(Fraction(total) / (2 * _exact(c)) + Fraction(1, 2)))
@@ -467,7 +467,7 @@ def step_size_for_cycles(total_updates, cycles) -> int:
 
 def low_point_run(step_size, min_updates) -> int:
     """The shortest run of at least min_updates updates lasting n.5 cycles (n = 0, 1, ...), i.e. an odd
-    number of step sizes. A cycle that starts at its top then ends on the low point, as the users'
+    number of step sizes. A cycle that starts at its top then ends on the low point, as the guide's
     5.5-cycle runs did (schedules.low_point_updates with start="high"). Step 50, 500 -> 550."""
     s = _whole("step_size", step_size)
     m = _whole("min_updates", min_updates)
@@ -485,7 +485,7 @@ STUDY_NAMES = {  # the guide's convention: lower case = low
 
 @dataclass(frozen=True)
 class StudyRun:
-    """One of the four runs of the users' "Steps and GA" study."""
+    """One of the four runs of the "Steps and GA" study (docs/guide.md#steps-and-ga)."""
 
     name: str             # gaST, gast, GAST or GAst
     meaning: str          # "low GA, high steps", ...

@@ -1,6 +1,6 @@
 """Learning-rate discovery: the range test, the short-run sweep, and the functions that read their curves.
 
-Two protocols from the users' write-ups (SCIENCE.md sections 1 and 3):
+Two protocols, explained for users in docs/guide.md ("The LR range test" and "The short-run sweep"):
 
 - Range test (`python -m embedtrain lr-find`): from a fresh embedding, ramp the LR linearly (as the
   users did) or exponentially from start_lr to end_lr over K weight updates; the stabilized validation
@@ -287,12 +287,13 @@ def recommend(lrs, curves) -> tuple[float | None, list[str]]:
 
 
 def small_validation_warning(n_val: int, batch_size: int) -> str | None:
-    """The users saw validation loss mislead with 4 validation images in one batch (SCIENCE.md 3)."""
+    """The users saw validation loss mislead with 4 validation images in one batch
+    (docs/guide.md#validation-loss)."""
     if n_val and (n_val < 4 or n_val <= batch_size):
         size = f"{n_val} image{'s' if n_val != 1 else ''}" + (", one batch" if n_val <= batch_size else "")
-        return (f"small validation set ({size}): validation loss can mislead here (the users saw the loss end "
+        return (f"small validation set ({size}): validation loss can mislead here (it has been seen to end "
                 "above its start while the model had clearly learned); read these verdicts with care and check "
-                "previews or grids")
+                "previews or grids (docs/guide.md#validation-loss)")
     return None
 
 
@@ -663,7 +664,7 @@ def parser(command: str) -> argparse.ArgumentParser:
     if command == "lr-find":
         g = p.add_argument_group("range test")
         g.add_argument("--ramp", choices=RAMPS, default="linear",
-                       help="how the LR rises (default: linear, as the users did)")
+                       help="how the LR rises (default: linear; docs/guide.md#range-test)")
         g.add_argument("--start-lr", type=float, help="first LR (default: 0 linear, end-lr/1000 exponential)")
         g.add_argument("--end-lr", type=float, help="last LR (default: 10 x --lr)")
         g.add_argument("--updates", type=int, default=60, help="ramp length in weight updates (default: 60)")
@@ -671,8 +672,8 @@ def parser(command: str) -> argparse.ArgumentParser:
         g = p.add_argument_group("sweep")
         g.add_argument("--candidates", help="LRs to try, e.g. '5e-4,1.6e-3,5e-3' (default: 4 log-spaced, lr/10 "
                                             "to 3.2 x lr)")
-        g.add_argument("--epochs", type=float, default=8, help="length of each run in epochs (default: 8; the users "
-                                                              "ran 20 on a GPU)")
+        g.add_argument("--epochs", type=float, default=8, help="length of each run in epochs (default: 8; the guide's "
+                                                              "runs were 20 on a GPU: docs/guide.md#sweep)")
     add_arguments(p)
     return p
 

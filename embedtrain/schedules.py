@@ -10,11 +10,11 @@ Conventions, chosen once:
   value after the last update, as in the diffusers/transformers schedulers. The last update therefore
   still learns a little instead of spending a whole update at min_lr.
 - Warmup ramps linearly from 0 at u = 0 to the schedule's value at u = warmup (the same convention as
-  diffusers; warmup == total_updates with a constant schedule is the users' linear range test). The
+  diffusers; warmup == total_updates with a constant schedule is the linear range test). The
   decays then run over the remaining total_updates - warmup updates.
 - Cyclical schedules (Smith 2017) start at the low point by default (start="low": u = 0 is min_lr, the
-  first top is at u = step_size). start="high" begins at the top instead: that is what the users' runs
-  did (SCIENCE.md section 2, a cosine whose decay length is shorter than the run), and it is the only
+  first top is at u = step_size). start="high" begins at the top instead: that is what the guide's runs
+  did (docs/guide.md#cyclical-lr, a cosine whose decay length is shorter than the run), and it is the only
   phase in which "5.5 cycles, 550 updates, step size 50" ends on the low point.
 - A run always has the length the user asked for; a schedule never shortens or lengthens it. When it
   does not fit (a piecewise schedule that ends early, a run that ends on a cycle's top) build_schedule
@@ -149,7 +149,7 @@ def one_cycle(u, max_lr, total, rise, start_lr, final_lr):
 def low_point_updates(step_size, min_updates, start="low"):
     """The shortest run of at least `min_updates` updates that ends on a low point of the cycle, i.e.
     whose LR at u == run length is the cycle's bottom. With start="low" that is a whole number of
-    cycles; with start="high" a whole number plus a half (the users' 5.5 cycles)."""
+    cycles; with start="high" a whole number plus a half (the 5.5 cycles of docs/guide.md#cyclical-lr)."""
     if not step_size > 0:
         raise ScheduleError(f"lr_step_size must be > 0 updates, got {step_size!r}")
     if start not in CYCLE_STARTS:
@@ -484,7 +484,7 @@ def build_schedule(name, lr, total_updates, *, min_lr=0.0, warmup=0, cycles=1.0,
     gamma: exp_range's amplitude factor per update. cycle_decay: cycles per stage of a stepped top,
     e.g. "3,2,1.5", each stage's amplitude decay_factor times the previous one. extend: hold the last
     piecewise rate / stepped top when the text covers less than the run, with a warning, instead of
-    refusing. start: "low" (Smith) or "high" (the users' cosine runs) for cyclical schedules.
+    refusing. start: "low" (Smith) or "high" (the guide's cosine runs) for cyclical schedules.
     pct_start, div_factor, final_div_factor: one_cycle's rise fraction, start = lr / div_factor and
     final = start / final_div_factor.
     """
