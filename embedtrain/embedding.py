@@ -405,11 +405,8 @@ def _from_a1111_dict(data: dict, path: Path, stem: str, fmt: str) -> LoadedEmbed
         t = params.get("*", next(iter(params.values())))
         meta = {k: str(data[k]) for k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
                 if data.get(k) is not None}
-        inner = str(data.get("name") or stem)
-        # A1111 calls a .pt/.bin by its file's stem (the inner name only shows renames) but an embedding
-        # card by the name inside it (card images are often saved under any name)
-        name, saved = (inner, "") if fmt == "a1111-png" else (stem, inner)
-        return LoadedEmbedding(name, _as_matrix(t, "string_to_param['*']", path), fmt, meta, saved_name=saved)
+        return LoadedEmbedding(str(data.get("name") or stem), _as_matrix(t, "string_to_param['*']", path),
+                               fmt, meta)
     if "emb_params" in data:
         return LoadedEmbedding(stem, _as_matrix(data["emb_params"], "emb_params", path), fmt)
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
@@ -428,17 +425,19 @@ def load_embedding(path) -> LoadedEmbedding:
     any data is read, PNG chunks and their decompression are bounded, and files over MAX_FILE are
     refused unread.
 
-    The name is the one AUTOMATIC1111, ComfyUI and kohya would give it: the file's stem (a renamed
+    The name is the one AUTOMATIC1111, ComfyUI and kohya give it: the file's stem (a renamed
     `mystar.pt` saved as `purplestar` is `mystar`, with `saved_name` 'purplestar'), except for A1111
-    embedding PNGs (the card's inner name, as A1111 reads them) and diffusers-format files (the token
-    inside, as diffusers reads them; a bare `learned_embeds` stem says nothing). A name must be safe
-    (it may end up in file names and prompts): an unsafe stem gives way to a safe inner name, an
-    unsafe inner name to the stem."""
+    embedding PNGs (the card's inner name, as A1111 reads them: cards are saved under any name) and
+    diffusers' generic `learned_embeds.bin/.safetensors` (the token inside, as diffusers reads it).
+    A name must be safe (it may end up in file names and prompts): an unsafe stem gives way to a safe
+    inner name, an unsafe inner name to the stem."""
     path = Path(path)
     if not path.is_file():
         raise EmbeddingError(f"embedding file {path} does not exist")
     stem = path.stem.removesuffix(".learned_embeds")  # the diffusers-format name older runs wrote
-    loaded = _load_any(path, stem)
+    loaded = _load_any(path, stem)  # named as the file says inside (the stem when it does not)
+    if loaded.format != "a1111-png" and not (loaded.format == "diffusers" and stem == "learned_embeds"):
+        loaded.name, loaded.saved_name = stem, loaded.name
     loaded.name = _safe_name(loaded.name) or _safe_name(loaded.saved_name) or stem
     saved = _safe_name(loaded.saved_name)
     # a snapshot NAME-<update> is a version of NAME, not a rename
@@ -458,14 +457,12 @@ def _safe_name(name: str) -> str:
 def _load_any(path: Path, stem: str) -> LoadedEmbedding:
     if path.suffix.lower() == ".safetensors":
         tensors, meta = _read_safetensors(path)
-        saved = meta.get("name", "")
+        name = meta.get("name", stem)
         if "emb_params" in tensors:
-            return LoadedEmbedding(stem, _as_matrix(tensors["emb_params"], "emb_params", path), "safetensors", meta,
-                                   saved_name=saved)
+            return LoadedEmbedding(name, _as_matrix(tensors["emb_params"], "emb_params", path), "safetensors", meta)
         if "clip_l" in tensors:
             vg = _as_matrix(tensors["clip_g"], "clip_g", path) if "clip_g" in tensors else None
-            return LoadedEmbedding(stem, _as_matrix(tensors["clip_l"], "clip_l", path), "sdxl", meta, vg,
-                                   saved_name=saved)
+            return LoadedEmbedding(name, _as_matrix(tensors["clip_l"], "clip_l", path), "sdxl", meta, vg)
         if len(tensors) == 1:
             (token, t), = tensors.items()
             return LoadedEmbedding(meta.get("name", token.strip("<>") or stem),

@@ -372,6 +372,9 @@ def test_damaged_or_hostile_embedding_pngs_are_clear_errors(tmp_path, case):
     with pytest.raises(EmbeddingError, match=words) as err:
         load_embedding(path)
     assert path.name in str(err.value)
+    # the Grid tab's listing check reads only chunk headers and keywords: it neither raises nor inflates
+    from embedtrain.fileio import png_has_embedding
+    assert png_has_embedding(path) is (case not in ("no_chunk", "jpeg_named_png"))
 
 
 def test_an_oversized_real_text_chunk_is_refused(tmp_path):

@@ -116,7 +116,16 @@ def test_the_old_diffusers_file_name_is_still_read(tmp_path, vec):
     assert load_embedding(path).name == "zorb"
 
 
-@pytest.mark.parametrize("fmt", ["a1111", "safetensors"])
+def test_diffusers_generic_learned_embeds_files_keep_their_token(tmp_path, vec):
+    from safetensors.torch import save_file
+    save_file({"<cat-toy>": vec}, str(tmp_path / "learned_embeds.safetensors"))
+    torch.save({"<cat-toy>": vec}, tmp_path / "learned_embeds.bin")
+    for name in ("learned_embeds.safetensors", "learned_embeds.bin"):
+        loaded = load_embedding(tmp_path / name)
+        assert (loaded.name, loaded.saved_name) == ("cat-toy", "")
+
+
+@pytest.mark.parametrize("fmt", ["a1111", "safetensors", "diffusers"])
 def test_a_renamed_file_is_called_by_its_file_name_as_in_a1111(tmp_path, vec, fmt):
     saved = save_embedding(embedding_file(tmp_path, "purplestar", fmt), vec, "purplestar", fmt=fmt)
     renamed = saved.with_name("mystar" + saved.suffix)
