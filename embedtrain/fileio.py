@@ -105,6 +105,7 @@ def _fsync_dir(folder: Path) -> None:
 
 # ---------------------------------------------------------------- embedding files, told without torch
 # Every suffix embedding.load_embedding reads; the Grid tab offers the same (PNGs only with the chunk).
+# .png stays last: messages list the others, then "or an A1111 embedding .png".
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", ".ckpt", ".png")
 MAX_EMBEDDING_FILE = 64 * 1024 * 1024   # an embedding is kilobytes (75 x 2048 fp32 = 600 kB); larger files are refused
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
