@@ -319,7 +319,8 @@ class Trainer:
             f"(validation: {len(self.val_samples)}; skipped: {len(self.skipped)})",
             f"  Batch size = {cfg.batch_size}, gradient accumulation = {cfg.grad_accum}"
             f" -> {cfg.batch_size * cfg.grad_accum * self.world} images per weight update",
-            f"  Steps = {cfg.steps} {cfg.step_unit}s -> weight updates = {p.weight_updates}, batches = {p.batches}",
+            f"  Steps = {cfg.steps} {'batches' if cfg.step_unit == 'batch' else 'updates'} -> weight updates = "
+            f"{p.weight_updates}, batches = {p.batches}",
             f"  Epochs = {p.epochs:.2f} (full-cycle: {'yes' if p.full_cycle else 'no'})",
             f"  LR = {self.schedule_description}, optimizer = {cfg.optimizer}",
         ]
@@ -500,7 +501,7 @@ class Trainer:
             meta = self.metadata(update, batch, loss_value, val_loss)
             meta["status"] = status
             for fmt in cfg.formats():
-                path = run_dir / (cfg.name + embedding.FORMAT_SUFFIX[fmt])
+                path = embedding.embedding_file(run_dir, cfg.name, fmt)
                 files.append(embedding.save_embedding(path, vectors, cfg.name, meta, fmt))
             if status == "stopped":
                 self._save_resume(run_dir, optimizer, update, batch)
