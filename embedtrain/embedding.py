@@ -575,7 +575,3 @@ def embedding_file(folder, name: str, fmt: str) -> Path:
         raise EmbeddingError(f"save format must be one of {', '.join(FORMAT_FILES)}, got {fmt!r}")
     return Path(folder) / FORMAT_FILES[fmt].format(name=name)
 
-
-# The suffixes callers used to append to the name; the diffusers one made other clients call the
-# embedding 'NAME.learned_embeds'. Kept until every caller uses embedding_file.
-FORMAT_SUFFIX = {"safetensors": ".safetensors", "a1111": ".pt", "diffusers": ".learned_embeds.safetensors"}

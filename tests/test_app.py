@@ -70,17 +70,22 @@ def test_derived_numbers_agree_with_the_calculator(ctx):
 
 def test_plot_frames_and_status_view(tmp_path):
     from embedtrain.ui.jobs import JobStatus
-    from embedtrain.ui.train_tab import plot_frames, status_view
+    from embedtrain.ui.train_tab import LOSS_SERIES, LR_SERIES, plot_frames, status_view
     rows = [{"update": "1", "loss": "0.5", "val_loss": "", "lr": "0.01", "effective_lr": "0.01"},
             {"update": "2", "loss": "0.4", "val_loss": "0.45", "lr": "0.01", "effective_lr": "0.02"}]
     loss, lr = plot_frames(rows)
+    # every series the plot can show is named from the first value on (a placeholder row without numbers),
+    # or the page's chart gives a later series no colour and draws no line
+    assert list(loss["series"][:5]) == LOSS_SERIES and loss["value"][:5].isna().all()
+    assert list(lr["series"][:2]) == LR_SERIES and lr["lr"][:2].isna().all()
+    loss, lr = loss.dropna(), lr.dropna()
     assert list(loss["series"]) == ["loss", "loss", "validation loss", "loss (smoothed 0.9)", "loss (smoothed 0.9)"]
     # the smoothed line starts at the first loss (bias-corrected EMA): (0.09 x 0.5 + 0.1 x 0.4) / 0.19
     assert list(loss["value"][-2:]) == pytest.approx([0.5, (0.9 * 0.1 * 0.5 + 0.1 * 0.4) / 0.19])
     assert list(lr["series"]) == ["lr", "lr", "effective lr (d x lr)"]
     # typed columns even when empty: an object column makes the page's plot read numbers as categories
     empty_loss, empty_lr = plot_frames([])
-    assert str(empty_loss.dtypes["update"]) == "int64" and str(empty_loss.dtypes["value"]) == "float64"
+    assert str(empty_loss.dtypes["update"]) == "float64" and str(empty_loss.dtypes["value"]) == "float64"
     assert str(empty_lr.dtypes["lr"]) == "float64"
     v = status_view(JobStatus("failed", run_dir=str(tmp_path), name="x", update=2, weight_updates=5, loss=0.4,
                               message="loss became nan at update 3", rows=rows))
@@ -242,7 +247,8 @@ def test_browser_train_stop_reload(tmp_path):
         for plot, series in (("#loss-plot", "loss (smoothed 0.9)"), ("#lr-plot", "lr")):
             axes = page.eval_on_selector_all(f"{plot} [aria-label*='-axis']", "els => els.map(e => e.getAttribute('aria-label'))")
             assert len(axes) == 2 and all("linear scale" in a for a in axes), axes
-            assert page.locator(f"{plot} g.mark-line path").count() >= 1
+            strokes = page.eval_on_selector_all(f"{plot} g.mark-line path", "els => els.map(e => e.getAttribute('stroke'))")
+            assert strokes and all(strokes), strokes   # a line without a colour is not drawn
             marks = page.eval_on_selector_all(f"{plot} [aria-label*='series']", "els => els.map(e => e.getAttribute('aria-label'))")
             assert any(f"series: {series}" in m for m in marks), marks[:5]
         # previews carry their update, prompt and seed, as A1111 shows them

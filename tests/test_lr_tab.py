@@ -3,6 +3,7 @@ sweep on the tiny model and sending the results to the Train tab."""
 
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -49,12 +50,15 @@ def test_progress_frame_reads_the_runs_as_they_are_written(tmp_path):
     log(tmp_path / "r" / "range", [{"update": 1, "lr": 0.0, "loss": 1.0, "val_loss": ""},
                                    {"update": 2, "lr": 0.1, "loss": 0.9, "val_loss": 0.8}])
     frame = progress_frame("range", tmp_path / "r")
-    assert frame.values.tolist() == [[0.1, 0.8, "validation loss"]]
+    assert frame.values.tolist()[1:] == [[0.1, 0.8, "validation loss"]]
+    assert frame.iloc[0].isna()[["lr", "value"]].all()   # the placeholder that names the series from the start
     log(tmp_path / "s" / "lr2-0.003", [{"update": 1, "lr": 0.003, "loss": 1, "val_loss": 0.7}])
     log(tmp_path / "s" / "lr1-0.001", [{"update": 1, "lr": 0.001, "loss": 1, "val_loss": 0.75},
                                        {"update": 2, "lr": 0.001, "loss": 1, "val_loss": 0.74}])
     frame = progress_frame("sweep", tmp_path / "s")
-    assert frame.values.tolist() == [[1, 0.75, "LR 0.001"], [2, 0.74, "LR 0.001"], [1, 0.7, "LR 0.003"]]
+    assert [row[:3] for row in frame.values.tolist()] == [[1, 0.75, "LR 0.001"], [2, 0.74, "LR 0.001"],
+                                                        [1, 0.7, "LR 0.003"]]
+    assert list(frame["log10 LR"]) == pytest.approx([-3, -3, math.log10(0.003)])
     empty = progress_frame("sweep", tmp_path / "missing")
     # typed even when empty, or the plot reads the numbers as categories
     assert empty.empty and empty.dtypes["update"] == float and empty.dtypes["value"] == float
@@ -92,7 +96,8 @@ def assert_draws_lines(page, plot: str, x_title: str) -> None:
     axes = page.eval_on_selector_all(f"{plot} [aria-label*='-axis']", "els => els.map(e => e.getAttribute('aria-label'))")
     assert any(f"titled '{x_title}' for a linear scale" in a for a in axes), axes
     assert all("linear scale" in a and "Infinity" not in a for a in axes), axes
-    assert page.locator(f"{plot} g.mark-line path").count() >= 1
+    strokes = page.eval_on_selector_all(f"{plot} g.mark-line path", "els => els.map(e => e.getAttribute('stroke'))")
+    assert strokes and all(strokes), strokes   # a line without a colour is not drawn
 
 
 def test_describe_changes_names_what_use_this_range_changes():

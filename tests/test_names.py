@@ -131,8 +131,9 @@ def test_a_run_writes_only_inside_its_run_folder(tiny_cfg, tmp_path, monkeypatch
     outside = sorted(str(p) for p in new if p != tmp_path / "out" and run_dir not in (p, *p.parents))
     assert outside == []
     names = {p.name for p in new}
-    assert {"星空-1.safetensors", "星空-1.pt", "星空-1.learned_embeds.safetensors", "星空-1-2.safetensors",
+    assert {"星空-1.safetensors", "星空-1.pt", "星空-1-2.safetensors",
             "resume.pt", "log.csv", "events.jsonl", "config.json", "星空-1-2.png"} <= names, names
+    assert (run_dir / "diffusers" / "星空-1.safetensors").is_file()   # named as the token in every client
     assert not any(n.endswith(".tmp") for n in names)  # atomic writes left no temp files behind
     assert list(cwd.iterdir()) == []
 

@@ -175,7 +175,7 @@ def test_run_folder_has_log_snapshots_previews_and_final_files(tiny_cfg, tmp_pat
     result = Trainer(cfg).run(tmp_path / "run")
     run = tmp_path / "run"
     for name in ("config.json", "log.csv", "events.jsonl", "zorblat-2.safetensors", "zorblat.safetensors",
-                 "zorblat.pt", "zorblat.learned_embeds.safetensors", "previews/zorblat-2.png",
+                 "zorblat.pt", "diffusers/zorblat.safetensors", "previews/zorblat-2.png",
                  "previews/zorblat-4.png"):
         assert (run / name).exists(), name
     assert len(result.files) == 3

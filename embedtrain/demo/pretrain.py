@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shlex
 import shutil
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 from embedtrain.demo.world import WORDS, caption, complete, pretraining_sample, render, Spec
+from embedtrain.fileio import current_umask
 
 CARD_STATS = "pretrain_stats.json"
 SCORES = "scores.json"      # {"measured_on": model_state(...), "scores": {label: value}, "status": markdown}
@@ -125,6 +127,7 @@ def decoder_only(args, log=print) -> dict:
     stats.update(decoder_phase_log=phases, decoder_steps=sum(ph["steps"] for ph in phases),
                  vae_recon_judge_accuracy=after)
     tmp = Path(tempfile.mkdtemp(prefix="vae.tmp-", dir=out))
+    os.chmod(tmp, 0o777 & ~current_umask())   # mkdtemp's 0700 would follow the rename
     try:
         vae.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
         old = out / "vae.old"
@@ -206,6 +209,7 @@ def save_pipeline(pipe, ema, out: Path, stats: dict, log) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())   # mkdtemp's 0700 would follow the rename
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / CARD_STATS).write_text(json.dumps(stats, indent=2), encoding="utf-8")

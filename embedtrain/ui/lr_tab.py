@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import time
@@ -24,6 +25,7 @@ import pandas as pd
 from embedtrain import EmbedtrainError
 from embedtrain.config import TEMPLATES, TrainConfig, apply_preset
 from embedtrain.ui.jobs import launch
+from embedtrain.ui.plots import typed_frame, with_series
 
 # Train-tab settings the finder runs with (TrainConfig field names), in the order callbacks get them.
 SOURCE = ["model", "data", "name", "init_text", "vectors", "template", "batch_size", "grad_accum", "optimizer",
@@ -96,7 +98,8 @@ def _val(row: dict):
 
 def progress_frame(kind: str, run_dir: Path) -> pd.DataFrame:
     """The live curve(s) from the run folders' log.csv: range -> (lr, value, series); sweep -> (update,
-    value, series) with one series per candidate LR."""
+    value, series, log10 LR) with one series per candidate LR, coloured by its log10 LR (the candidates
+    are not known when the page draws the chart, so they cannot be named colours; embedtrain.ui.plots)."""
     run_dir = Path(run_dir)
     rows = []
     if kind == "range":
@@ -104,21 +107,19 @@ def progress_frame(kind: str, run_dir: Path) -> pd.DataFrame:
             v = _val(r)
             if v is not None:
                 rows.append((float(r["lr"]), v, "validation loss"))
-        return _frame(rows, "lr")
+        return with_series(rows, {"lr": float, "value": float, "series": str}, ["validation loss"])
     dirs = [d for d in run_dir.glob("lr*-*") if d.is_dir()] if run_dir.is_dir() else []
     for d in sorted(dirs, key=lambda d: int(d.name[2:].split("-")[0]) if d.name[2:].split("-")[0].isdigit() else 0):
-        label = "LR " + d.name.split("-", 1)[1]
+        lr_text = d.name.split("-", 1)[1]
+        try:
+            shade = math.log10(float(lr_text))
+        except ValueError:
+            continue
         for r in _read_rows(d / "log.csv"):
             v = _val(r)
             if v is not None:
-                rows.append((int(r["update"]), v, label))
-    return _frame(rows, "update")
-
-
-def _frame(rows, x: str) -> pd.DataFrame:
-    # Typed columns even when empty: an empty object column makes the plot read the axis as categories
-    # (it then keeps drawing the numbers as labels, without a line).
-    return pd.DataFrame(rows, columns=[x, "value", "series"]).astype({x: float, "value": float, "series": str})
+                rows.append((int(r["update"]), v, "LR " + lr_text, shade))
+    return typed_frame(rows, {"update": float, "value": float, "series": str, "log10 LR": float})
 
 
 def verdict_markdown(kind: str, report: dict) -> str:
@@ -260,7 +261,7 @@ def job_view(jobs: FinderJobs) -> dict:
     result = run_dir / f"{RESULT[kind]}.json"
     what = "Range test" if kind == "range" else "Sweep"
     if running:
-        n = len(frame)
+        n = int(frame["value"].notna().sum())   # not the placeholder rows
         detail = f"{n} validation measurement{'s' if n != 1 else ''} so far"
         if kind == "sweep" and n:
             detail += f" · running {frame['series'].iloc[-1]}"
@@ -330,7 +331,7 @@ def build(ctx) -> None:
             range_plot = gr.LinePlot(x="lr", y="value", color="series", title="Range test: validation loss vs LR",
                                      x_title="learning rate", y_title="validation loss", height=260,
                                      elem_id="lr-range-plot")
-            sweep_plot = gr.LinePlot(x="update", y="value", color="series", title="Sweep: validation loss per LR",
+            sweep_plot = gr.LinePlot(x="update", y="value", color="log10 LR", title="Sweep: validation loss per LR",
                                      x_title="weight update", y_title="validation loss", height=260,
                                      elem_id="lr-sweep-plot")
             verdict = gr.Markdown("", elem_id="lr-verdict")

@@ -19,6 +19,7 @@ import pandas as pd
 
 from embedtrain import EmbedtrainError
 from embedtrain.config import OPTIMIZERS, STEP_UNITS, TEMPLATES, TrainConfig, apply_preset
+from embedtrain.ui.plots import typed_frame, with_series
 
 SCHEDULES = ["constant", "linear", "cosine", "cosine_restarts", "polynomial", "piecewise", "triangular",
              "triangular2", "exp_range", "cosine_cycles", "one_cycle"]
@@ -174,6 +175,14 @@ PLOT_REFRESH_S = 2.0   # while a job runs, plots and previews are rebuilt at mos
 
 
 SMOOTHING = 0.9   # weight of the past in the smoothed loss line (TensorBoard's slider, its usual value)
+# Every series the plots can show, present from their first value on (embedtrain.ui.plots says why).
+LOSS_SERIES = ["loss", f"loss (smoothed {SMOOTHING})", "loss (epoch mean)", "validation loss", "stabilized train loss"]
+LR_SERIES = ["lr", "effective lr (d x lr)"]
+# The raw loss pale, its trends strong, validation red (the colours follow the series, not their order).
+LOSS_CAPTION = ("pale blue: loss of each update · dark blue: smoothed (0.9) · orange: mean per epoch · "
+                "red: validation loss · green: stabilized train loss")
+SERIES_COLORS = dict(zip(LOSS_SERIES, ["#a9bfd6", "#1f5fa8", "#e07b00", "#c0392b", "#2e8b57"])) | \
+    dict(zip(LR_SERIES, ["#1f5fa8", "#e07b00"]))
 
 
 def _num(v):
@@ -247,14 +256,8 @@ def plot_frames(rows: list[dict], max_points: int = PLOT_POINTS) -> tuple[pd.Dat
             lr.append((u, float(e), "effective lr (d x lr)"))
     loss += [(u, v, f"loss (smoothed {SMOOTHING})") for u, v in smooth if keep is None or str(u) in keep]
     loss += [(u, v, "loss (epoch mean)") for u, v in means]
-    return (typed_frame(loss, {"update": int, "value": float, "series": str}),
-            typed_frame(lr, {"update": int, "lr": float, "series": str}))
-
-
-def typed_frame(rows, columns: dict) -> pd.DataFrame:
-    """A plot's frame with typed columns, also when empty: Gradio reads an empty (object) column as
-    categories, and the page's plot then keeps drawing every later number as its own label."""
-    return pd.DataFrame(list(rows), columns=list(columns)).astype(columns)
+    return (with_series(loss, {"update": float, "value": float, "series": str}, LOSS_SERIES),
+            with_series(lr, {"update": float, "lr": float, "series": str}, LR_SERIES))
 
 
 def form_values(cfg: TrainConfig) -> list:
@@ -321,8 +324,9 @@ def status_view(st, plots: bool = True) -> dict:
     if not plots:
         return text
     loss, lr = plot_frames(st.rows)
-    files = sorted(str(p) for p in Path(st.run_dir).glob("*") if p.suffix in (".safetensors", ".pt", ".json",
-                                                                              ".csv", ".bin")) if st.run_dir else []
+    run = Path(st.run_dir) if st.run_dir else None
+    files = sorted(str(p) for p in [*run.glob("*"), *run.glob("diffusers/*.safetensors")]
+                   if p.suffix in (".safetensors", ".pt", ".json", ".csv", ".bin")) if run else []
     previews = [(p, preview_caption(p)) for p in st.previews[-8:][::-1]]
     return dict(progress="  \n".join(lines), loss=loss, lr=lr, previews=previews, files=files,
                 run=st.run_dir, running=st.state == "running", summary=st.summary)
@@ -427,9 +431,12 @@ def build(ctx) -> None:
             form_ok = gr.State(True)     # this page's form passes the checks (Train may start)
             seen = gr.State("")          # the job state this page last drew (a change clears old messages)
             progress = gr.Markdown("", elem_id="progress", label="progress")
-            loss_plot = gr.LinePlot(x="update", y="value", color="series", title="Loss", height=260, label="loss",
+            loss_plot = gr.LinePlot(x="update", y="value", color="series", title="Loss", height=320, label="loss",
+                                    color_map=SERIES_COLORS, caption=LOSS_CAPTION,
                                     x_title="weight update", y_title="loss", elem_id="loss-plot")
-            lr_plot = gr.LinePlot(x="update", y="lr", color="series", title="Learning rate", height=180,
+            lr_plot = gr.LinePlot(x="update", y="lr", color="series", title="Learning rate", height=220,
+                                  color_map=SERIES_COLORS, caption="dark blue: the schedule's LR · orange: the "
+                                  "effective LR (d x lr) of D-Adaptation / Prodigy",
                                   label="learning rate",
                                   x_title="weight update", elem_id="lr-plot")
             previews = gr.Gallery(label="Latest previews (update · prompt · seed)", columns=4, height=260,
