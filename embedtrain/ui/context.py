@@ -42,3 +42,12 @@ class UIContext:
             raise ValueError(f"{path} is outside the outputs folder {self.outputs}; the web UI only reads "
                              "and writes there")
         return p
+
+
+def api_parameters(fn, fields: list[str]) -> None:
+    """Name the parameters of a handler that takes *args, so API callers see `model, data, ...` instead of
+    param_0, param_1, ...; a keyword-only parameter it has (gr.Progress) stays last."""
+    import inspect
+    params = [inspect.Parameter(f, inspect.Parameter.POSITIONAL_OR_KEYWORD) for f in fields]
+    extra = [p for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    fn.__signature__ = inspect.Signature(params + extra)

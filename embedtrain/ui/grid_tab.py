@@ -22,6 +22,7 @@ from embedtrain.config import model_cfg_scale
 from embedtrain.fileio import is_embedding_file
 from embedtrain.grid import (DEFAULT_PROMPTS, SAMPLERS, GridError, GridSettings, parse_pair, default_out,
                              parse_prompts, parse_seeds)
+from embedtrain.ui.context import api_parameters
 from embedtrain.ui.jobs import launch
 
 BASELINES = ["none", "init text", "no embedding", "this text"]
@@ -294,7 +295,7 @@ def build(ctx) -> None:
                     s_seed = gr.Number(0, label="Seed", precision=0)
                 study_btn = gr.Button("Run study", variant="primary", elem_id="grid-study-run")
         with gr.Column(scale=3):
-            status = gr.Markdown("", elem_id="grid-status")
+            status = gr.Markdown("", elem_id="grid-status", label="status")
             image = gr.Image(label="Grid", type="filepath", interactive=False, elem_id="grid-image")
             download = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="grid-file")
             pairs = gr.Gallery(label="Study: pairwise comparisons", columns=2, height=320, visible=False,
@@ -309,7 +310,7 @@ def build(ctx) -> None:
         choices = embedding_choices(ctx.outputs)
         return gr.update(choices=choices, value=[c for c in (current or []) if c in choices])
 
-    refresh.click(do_refresh, picked, picked, show_progress="hidden")
+    refresh.click(do_refresh, picked, picked, show_progress="hidden", api_name="grid_embeddings")
 
     def follow(argv, progress):
         """Yield (status text, done event or None) while the process runs."""
@@ -341,6 +342,7 @@ def build(ctx) -> None:
         except (EmbedtrainError, ValueError) as e:
             yield f"**Error:** {e}", gr.update(), gr.update()
 
+    api_parameters(render, GRID_FIELDS)
     render_btn.click(render, grid_inputs, [status, image, download], api_name="grid", concurrency_limit=1)
     stop_btn.click(lambda: runner.stop(), None, status, api_name="grid_stop")
 
@@ -363,6 +365,7 @@ def build(ctx) -> None:
         except (EmbedtrainError, ValueError) as e:
             yield (f"**Error:** {e}", *keep)
 
+    api_parameters(study, STUDY_FIELDS + GRID_FIELDS)
     study_btn.click(study, study_inputs + grid_inputs, [status, image, download, pairs, table], api_name="study",
                     concurrency_limit=1)
 
@@ -378,6 +381,7 @@ def build(ctx) -> None:
         return [settings[k] for k, _ in targets] + ([gr.Tabs(selected="train")] if ctx.tabs is not None else []) \
             + [f"Sent the settings of `{chosen[0]}` to the Train tab"]
 
-    use_btn.click(use, picked, [c for _, c in targets] + ([ctx.tabs] if ctx.tabs is not None else []) + [status])
+    use_btn.click(use, picked, [c for _, c in targets] + ([ctx.tabs] if ctx.tabs is not None else []) + [status],
+                  api_name="grid_use_settings")
     # on (re)load only the choices change: what the user ticks meanwhile is kept
     ctx.on_load.append((lambda: gr.update(choices=embedding_choices(ctx.outputs)), None, picked))

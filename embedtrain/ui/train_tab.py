@@ -9,7 +9,6 @@ status_view) are tested without a browser.
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ import pandas as pd
 
 from embedtrain import EmbedtrainError
 from embedtrain.config import OPTIMIZERS, STEP_UNITS, TEMPLATES, TrainConfig, apply_preset
+from embedtrain.ui.context import api_parameters
 from embedtrain.ui.plots import typed_frame, with_series
 
 SCHEDULES = ["constant", "linear", "cosine", "cosine_restarts", "polynomial", "piecewise", "triangular",
@@ -510,8 +510,7 @@ def build(ctx) -> None:
         return f"Resumed: `{run}`"
 
     # API callers see /train's parameters by their config names (model, data, name, ...), not param_0..28.
-    start.__signature__ = inspect.Signature([inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-                                             for k in FIELDS])
+    api_parameters(start, FIELDS)
     train_btn.click(start, inputs, message, api_name="train")
     stop_btn.click(stop, None, message, api_name="stop")
     resume_btn.click(resume, resume_pick, message, api_name="resume")
