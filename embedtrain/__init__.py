@@ -1,6 +1,7 @@
 """embedtrain: textual-inversion embeddings for Stable Diffusion, from a web page, a CLI or several GPUs.
 
-The words used everywhere (step, epoch, weight update, full-cycle) are defined in calculator.py.
+The words used everywhere (step, epoch, weight update, full-cycle) are defined in calculator.py;
+docs/guide.md explains for users why they matter and how the LR tools are read.
 Heavy libraries (torch, diffusers, gradio) are imported lazily by the modules that need them.
 """
 

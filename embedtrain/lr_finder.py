@@ -1,6 +1,6 @@
 """Learning-rate discovery: the range test, the short-run sweep, and the functions that read their curves.
 
-Two protocols, explained for users in docs/guide.md ("The LR range test" and "The short-run sweep"):
+Two protocols, explained for users in docs/guide.md (sections "Range test" and "Sweep"):
 
 - Range test (`python -m embedtrain lr-find`): from a fresh embedding, ramp the LR linearly (as the
   users did) or exponentially from start_lr to end_lr over K weight updates; the stabilized validation
