@@ -179,8 +179,11 @@ SMOOTHING = 0.9   # weight of the past in the smoothed loss line (TensorBoard's 
 LOSS_SERIES = ["loss", f"loss (smoothed {SMOOTHING})", "loss (epoch mean)", "validation loss", "stabilized train loss"]
 LR_SERIES = ["lr", "effective lr (d x lr)"]
 # The raw loss pale, its trends strong, validation red (the colours follow the series, not their order).
-LOSS_CAPTION = ("pale blue: loss of each update · dark blue: smoothed (0.9) · orange: mean per epoch · "
-                "red: validation loss · green: stabilized train loss")
+# Gradio's chart draws no legend entries for these plots, so the colours are named under them.
+PLOT_KEY = ("<small>Loss: <b style='color:#a9bfd6'>each update</b> · <b style='color:#1f5fa8'>smoothed (0.9)</b> · "
+            "<b style='color:#e07b00'>mean per epoch</b> · <b style='color:#c0392b'>validation</b> · "
+            "<b style='color:#2e8b57'>stabilized train</b>. LR: <b style='color:#1f5fa8'>schedule</b> · "
+            "<b style='color:#e07b00'>effective (d x lr, D-Adaptation / Prodigy)</b></small>")
 SERIES_COLORS = dict(zip(LOSS_SERIES, ["#a9bfd6", "#1f5fa8", "#e07b00", "#c0392b", "#2e8b57"])) | \
     dict(zip(LR_SERIES, ["#1f5fa8", "#e07b00"]))
 
@@ -342,6 +345,18 @@ def history_frame(jobs) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "embedding", "state", "updates", "final loss", "validation loss"])
 
 
+def history_markdown(frame: pd.DataFrame) -> str:
+    """The run history as a Markdown table: it wraps to the column's width (a data grid in a closed
+    accordion was drawn cut off on the right, and at times without its rows)."""
+    if frame.empty:
+        return "No runs yet."
+    def cell(v):
+        return "–" if v is None or v != v else str(v).replace("|", "\\|")
+    head = "| run | state | updates | last loss | val. loss |\n|---|---|---|---|---|\n"
+    return head + "\n".join(f"| `{r['run']}` | {r['state']} | {r['updates']} | {cell(r['final loss'])} | "
+                             f"{cell(r['validation loss'])} |" for _, r in frame.iterrows())
+
+
 # ---------------------------------------------------------------- the tab
 
 def build(ctx) -> None:
@@ -432,13 +447,13 @@ def build(ctx) -> None:
             seen = gr.State("")          # the job state this page last drew (a change clears old messages)
             progress = gr.Markdown("", elem_id="progress", label="progress")
             loss_plot = gr.LinePlot(x="update", y="value", color="series", title="Loss", height=320, label="loss",
-                                    color_map=SERIES_COLORS, caption=LOSS_CAPTION,
+                                    color_map=SERIES_COLORS,
                                     x_title="weight update", y_title="loss", elem_id="loss-plot")
             lr_plot = gr.LinePlot(x="update", y="lr", color="series", title="Learning rate", height=220,
-                                  color_map=SERIES_COLORS, caption="dark blue: the schedule's LR · orange: the "
-                                  "effective LR (d x lr) of D-Adaptation / Prodigy",
+                                  color_map=SERIES_COLORS,
                                   label="learning rate",
                                   x_title="weight update", elem_id="lr-plot")
+            gr.Markdown(PLOT_KEY, elem_id="plot-key")
             previews = gr.Gallery(label="Latest previews (update · prompt · seed)", columns=4, height=260,
                                   object_fit="contain", elem_id="previews")
             run_dir = gr.Textbox(label="Run folder", interactive=False, elem_id="run-dir")
@@ -447,9 +462,8 @@ def build(ctx) -> None:
                 summary = gr.Code(label="Running training", language=None, interactive=False, wrap_lines=True)
             with gr.Accordion("Run history", open=False):
                 refresh_hist = gr.Button("Refresh", size="sm")
-                history = gr.Dataframe(history_frame(ctx.jobs), interactive=False, elem_id="history", wrap=True,
-                                       label="Run history",
-                                       max_height=320)
+                history = gr.Markdown(history_markdown(history_frame(ctx.jobs)), elem_id="history",
+                                      label="Run history")
                 resume_pick = gr.Dropdown([], label="Run to resume / open", allow_custom_value=False)
     ctx.train.update(c)
     inputs = [c[k] for k in FIELDS]
@@ -546,7 +560,8 @@ def build(ctx) -> None:
         return (progress_, *heavy, summary_,
                 gr.update(interactive=bool(ok) and not running), gr.update(interactive=running),
                 gr.update(interactive=resumable),
-                hist if changed else gr.skip(), gr.update(choices=list(hist["run"])) if changed else gr.skip(),
+                history_markdown(hist) if changed else gr.skip(),
+                gr.update(choices=list(hist["run"])) if changed else gr.skip(),
                 "" if changed and seen and not running else gr.skip(),   # "stopping ..." ends with the job
                 drawn)
 
@@ -557,7 +572,7 @@ def build(ctx) -> None:
 
     def refresh_history():
         frame = history_frame(ctx.jobs)
-        return frame, gr.update(choices=list(frame["run"]))
+        return history_markdown(frame), gr.update(choices=list(frame["run"]))
 
     refresh_hist.click(refresh_history, None, [history, resume_pick], api_visibility="private")
 
@@ -608,6 +623,6 @@ def build(ctx) -> None:
         checked = refresh_derived(*args)
         text, pics = dataset_view(values_of(args)["data"])
         frame_h = history_frame(ctx.jobs)
-        return (*checked, text, pics, frame_h, gr.update(choices=list(frame_h["run"])), *form)
+        return (*checked, text, pics, history_markdown(frame_h), gr.update(choices=list(frame_h["run"])), *form)
 
     ctx.on_load.append((on_load, inputs, [*check_outputs, data_info, thumbs, history, resume_pick, *inputs]))
