@@ -109,9 +109,14 @@ def test_grid_tab_renders_shows_errors_and_sends_settings(tmp_path, images):
     with app_server(out, "--model", "tiny", "--data", str(images)) as url, chromium_page() as page:
         page.goto(url)
         page.get_by_role("tab", name="Grid").click()
-        page.wait_for_load_state("networkidle")   # the page's on-load refresh must not undo the ticks below
         tab = page.locator("#tab-grid")
         boxes = tab.locator("#grid-embeddings")
+        # the page's on-load refresh must not undo the ticks below: wait for the page's load events (the Train
+        # tab's derived line is written by one of them) and then a moment (the page polls every second, so
+        # the network is never idle)
+        page.wait_for_function("(document.querySelector('#derived') || {innerText: ''}).innerText.includes('images')")
+        boxes.get_by_label("alpha-run/alpha.safetensors").wait_for()
+        page.wait_for_timeout(2000)
         boxes.get_by_label("alpha-run/alpha.safetensors").check()
         boxes.get_by_label("beta-run/beta.safetensors").check()
         tab.get_by_label("Prompts (one per line)").fill("a photo of {}")
