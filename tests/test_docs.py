@@ -1,8 +1,8 @@
 """The documentation the program points at exists, and the README's commands can be typed as written.
 
 - No tracked file names the developers' private notes (which users never get) as if they were docs.
-- docs/guide.md exists, the README links it, and every `docs/guide.md#anchor` used anywhere in the
-  repository names a section of the guide.
+- docs/guide.md exists, the README links it, and every link into one of its sections (the guide's path,
+  '#', an anchor) used anywhere in the repository names a section that exists.
 - Every `--flag` of every command in the README's bash blocks is one that command's `--help` lists, and
   every `outputs/...` file a command reads is one that a README `train` command writes.
 """
