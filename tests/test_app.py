@@ -301,7 +301,7 @@ def test_one_job_at_a_time(tmp_path, images):
                       template="object", resolution=32)
     run = jobs.start(cfg)
     try:
-        with pytest.raises(JobError, match="already running: longrun"):
+        with pytest.raises(JobError, match=r"a training job is already running \(longrun"):
             jobs.start(cfg.replace(name="other"))
         _wait(lambda: jobs.status().update > 0, 120, "the first update")
     finally:

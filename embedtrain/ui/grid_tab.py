@@ -23,7 +23,7 @@ from embedtrain.fileio import is_embedding_file
 from embedtrain.grid import (DEFAULT_PROMPTS, SAMPLERS, GridError, GridSettings, parse_pair, default_out,
                              parse_prompts, parse_seeds)
 from embedtrain.ui.context import api_parameters
-from embedtrain.ui.jobs import launch
+from embedtrain.ui.jobs import JobSlot, launch
 
 BASELINES = ["none", "init text", "no embedding", "this text"]
 # The Train tab inputs "Use these settings" fills from a run's config.json (those that exist are used).
@@ -173,6 +173,7 @@ class Runner:
         self.proc = None
         self.finished = False   # the running process has sent its result
         self.lock = threading.Lock()
+        self.slot = JobSlot(outputs)   # one job of any kind at a time per outputs folder
 
     def stream(self, argv: list[str]):
         """Start `python -m embedtrain ARGV` and yield its JSON events until its result is in.
@@ -189,10 +190,18 @@ class Runner:
                 self.proc.wait()
             log_path = self.outputs / "grids" / ".last-render.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            log = open(log_path, "wb")
-            self.proc = proc = launch(argv, stdout=subprocess.PIPE, stderr=log, detach=False)
+
+            def spawn():
+                with open(log_path, "wb") as log:
+                    self.proc = launch(argv, stdout=subprocess.PIPE, stderr=log, detach=False)
+                return self.proc, {"name": argv[0], "argv": argv, "group": False}
+
+            try:
+                self.slot.start("grid", spawn)
+            except EmbedtrainError as e:
+                raise GridError(str(e)) from None
+            proc = self.proc
             self.finished = False
-            log.close()
         for line in proc.stdout:
             try:
                 ev = json.loads(line)
@@ -210,10 +219,11 @@ class Runner:
                + (" (stopped)" if rc < 0 else "") + (f". Last output:\n{tail}" if tail.strip() else "")}
 
     def stop(self) -> str:
-        if self.proc is None or self.proc.poll() is not None:
-            return "nothing is rendering"
-        self.proc.terminate()
-        return "stopped"
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            return "stopped"
+        job = self.slot.record("grid")   # started by an earlier server on this folder
+        return "stopped" if job and self.slot.signal(job) else "nothing is rendering"
 
 
 def _reap(proc, timeout: float = 30.0) -> int:

@@ -77,11 +77,98 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def process_start(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22), or "" where that
+    cannot be read (no /proc). With the PID it names one process: a PID reused later has another start."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode("ascii", errors="replace")
+    except OSError:
+        return ""
+    # the command name (field 2) may hold spaces and parentheses: count fields after its closing ')'
+    fields = stat[stat.rfind(")") + 2:].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def job_alive(job: dict | None) -> bool:
+    """A recorded job's process still runs, and it is that process, not a later one with its PID."""
+    if not job or not isinstance(job.get("pid"), int) or not _alive(job["pid"]):
+        return False
+    recorded = job.get("proc_start")
+    return not recorded or process_start(job["pid"]) in ("", recorded)
+
+
+# Every kind of job the web UI runs records itself in its own state file under the outputs folder.
+STATE_FILES = {"train": ".job.json", "lr": "lr/.job.json", "grid": "grids/.job.json"}
+KIND_WORDS = {"train": "training job", "lr": "LR finder run", "grid": "grid or study"}
+
+
+class JobSlot:
+    """One job at a time per outputs folder, whatever its kind (training, LR finder, grid or study): they
+    share the machine's one GPU. The check and the start happen under an exclusive file lock
+    (outputs/.jobs.lock), so two requests at the same moment, from threads or from two servers on the same
+    folder, cannot both start."""
+
+    def __init__(self, outputs):
+        self.outputs = Path(outputs).resolve()
+
+    def record(self, kind: str) -> dict | None:
+        try:
+            job = json.loads((self.outputs / STATE_FILES[kind]).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return job if isinstance(job, dict) else None
+
+    def running(self) -> tuple[str, dict] | None:
+        """(kind, record) of the job that runs now, if any."""
+        for kind in STATE_FILES:
+            job = self.record(kind)
+            if job_alive(job):
+                return kind, job
+        return None
+
+    def start(self, kind: str, spawn) -> dict:
+        """Under the lock: refuse if any job runs, else `spawn()` -> (Popen, record fields), and write the
+        record (pid, its start time, slot kind, started) to the kind's state file. Returns the record."""
+        import fcntl
+        self.outputs.mkdir(parents=True, exist_ok=True)
+        with open(self.outputs / ".jobs.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            busy = self.running()
+            if busy:
+                raise self.busy(*busy)
+            proc, fields = spawn()
+            job = {**fields, "slot": kind, "pid": proc.pid, "proc_start": process_start(proc.pid),
+                   "started": time.time()}
+            path = self.outputs / STATE_FILES[kind]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(job))
+            return job
+
+    @staticmethod
+    def busy(kind: str, job: dict) -> JobError:
+        what = job.get("name") or Path(job.get("run_dir", "")).name
+        return JobError(f"a {KIND_WORDS[kind]} is already running ({what}, started "
+                        f"{time.strftime('%H:%M:%S', time.localtime(job.get('started', 0)))}); "
+                        "one job runs at a time: wait for it or stop it first")
+
+    def signal(self, job: dict, sig=signal.SIGTERM) -> bool:
+        """Signal a recorded job's process group, only if it is still that process."""
+        if not job_alive(job):
+            return False
+        try:
+            os.killpg(job["pid"], sig) if job.get("group", True) else os.kill(job["pid"], sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+
 class JobManager:
     def __init__(self, outputs):
         self.outputs = Path(outputs).resolve()
         self.outputs.mkdir(parents=True, exist_ok=True)
-        self.state_file = self.outputs / ".job.json"
+        self.state_file = self.outputs / STATE_FILES["train"]
+        self.slot = JobSlot(self.outputs)
 
     # ------------------------------------------------------------ control
     def current(self) -> dict | None:
@@ -91,11 +178,10 @@ class JobManager:
             return None
 
     def start(self, cfg: TrainConfig, resume_dir: str | None = None) -> Path:
-        """Start a job, or resume a stopped run; refuse while another job runs."""
-        job = self.current()
-        if job and _alive(job["pid"]):
-            raise JobError(f"a job is already running: {job['name']} in {job['run_dir']} (started "
-                           f"{time.strftime('%H:%M:%S', time.localtime(job['started']))}); stop it first")
+        """Start a job, or resume a stopped run; refuse while another job of any kind runs."""
+        busy = self.slot.running()
+        if busy:   # said before the checks below; checked again under the lock, where it counts
+            raise self.slot.busy(*busy)
         if resume_dir:
             run_dir = self._inside_outputs(resume_dir)
             if not (run_dir / "resume.pt").is_file():
@@ -111,29 +197,35 @@ class JobManager:
             if problems:   # refused before a folder is made: a job that cannot run leaves nothing behind
                 raise JobError("; ".join(str(p) for p in problems))
             run_dir = self.outputs / cfg.run_name
-            if run_dir.exists():
-                raise JobError(f"run folder {run_dir.name} already exists; choose another run name")
-            run_dir.mkdir(parents=True)
-            cfg.save(run_dir / "job.json")
             args = ["--config", str(run_dir / "job.json")]
             name = cfg.name
-        (run_dir / "STOP").unlink(missing_ok=True)
-        log = open(run_dir / "job.log", "ab")
-        proc = launch(["train", *args], stdout=log)
-        log.close()
-        atomic_write_text(self.state_file, json.dumps(
-            {"pid": proc.pid, "run_dir": str(run_dir), "name": name, "started": time.time()}))
-        self._proc = proc
+
+        def spawn():
+            if not resume_dir:
+                if run_dir.exists():
+                    raise JobError(f"run folder {run_dir.name} already exists; choose another run name")
+                run_dir.mkdir(parents=True)
+                cfg.save(run_dir / "job.json")
+            (run_dir / "STOP").unlink(missing_ok=True)
+            with open(run_dir / "job.log", "ab") as log:
+                proc = launch(["train", *args], stdout=log)
+            self._proc = proc
+            return proc, {"run_dir": str(run_dir), "name": name}
+
+        self.slot.start("train", spawn)
         return run_dir
 
     def stop(self) -> str:
         """Ask the running job to finish its update, save and exit (a STOP file); a second stop signals it."""
         job = self.current()
-        if not job or not _alive(job["pid"]):
+        if not job_alive(job):
             return "no job is running"
         stop = Path(job["run_dir"]) / "STOP"
         if stop.exists():
-            os.kill(job["pid"], signal.SIGTERM)
+            if not _has_started(Path(job["run_dir"])):
+                # Still importing and loading: a signal now would kill it before it can save anything.
+                return f"stop already asked: {job['name']} is still loading and stops before its first update"
+            self.slot.signal(job)
             return f"stop asked again: signalled {job['name']}"
         stop.write_text("stop requested from the web UI\n")
         return f"stopping {job['name']}: it finishes the current update and saves"
@@ -141,7 +233,7 @@ class JobManager:
     def wait(self, timeout: float = 60.0) -> None:
         job = self.current()
         t0 = time.time()
-        while job and _alive(job["pid"]) and time.time() - t0 < timeout:
+        while job_alive(job) and time.time() - t0 < timeout:
             time.sleep(0.2)
 
     # ------------------------------------------------------------ reading runs
@@ -153,7 +245,7 @@ class JobManager:
             run_dir = job["run_dir"]
         run = Path(run_dir)
         st = read_run(run)
-        running = bool(job and job["run_dir"] == str(run) and _alive(job["pid"]))
+        running = bool(job and job.get("run_dir") == str(run) and job_alive(job))
         if running:
             st.state = "running"
             st.stopping = (run / "STOP").exists()
@@ -273,6 +365,15 @@ def read_run(run: Path) -> JobStatus:
                 _READERS.clear()
             reader = _READERS[str(run)] = _RunReader(run)
         return reader.read()
+
+
+def _has_started(run: Path) -> bool:
+    """The job wrote its "start" event: its stop handling is in place."""
+    try:
+        with open(run / "events.jsonl", "rb") as fh:
+            return b'"start"' in fh.read(65536)
+    except FileNotFoundError:
+        return False
 
 
 def _tail(path: Path, n: int) -> str:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import pandas as pd
 
 from embedtrain import EmbedtrainError
 from embedtrain.config import TEMPLATES, TrainConfig, apply_preset
-from embedtrain.ui.jobs import launch
+from embedtrain.ui.jobs import STATE_FILES, JobSlot, job_alive, launch
 from embedtrain.ui.plots import typed_frame, with_series
 
 # Train-tab settings the finder runs with (TrainConfig field names), in the order callbacks get them.
@@ -180,15 +178,11 @@ def lr_settings(report: dict) -> dict:
 
 # ---------------------------------------------------------------- jobs (one at a time per outputs folder)
 
-def _alive(pid: int) -> bool:
-    from embedtrain.ui.jobs import _alive as alive
-    return alive(pid)
-
-
 class FinderJobs:
     def __init__(self, outputs: Path):
         self.root = Path(outputs) / "lr"
-        self.state_file = self.root / ".job.json"
+        self.state_file = Path(outputs) / STATE_FILES["lr"]
+        self.slot = JobSlot(outputs)
 
     def current(self) -> dict | None:
         try:
@@ -198,26 +192,27 @@ class FinderJobs:
 
     def running(self) -> dict | None:
         job = self.current()
-        return job if job and _alive(job["pid"]) else None
+        return job if job_alive(job) else None
 
     def start(self, kind: str, values: dict, opts: dict) -> dict:
-        from embedtrain.fileio import atomic_write_text
         from embedtrain.lr_finder import prepare
-        job = self.running()
-        if job:
-            raise EmbedtrainError(f"a {job['kind']} is already running ({Path(job['run_dir']).name}); stop it first")
+        busy = self.slot.running()
+        if busy:   # before the settings are checked; checked again under the slot's lock
+            raise self.slot.busy(*busy)
         name = str(values.get("name") or "embedding").strip() or "embedding"
         run_name = f"{name}-{'lrfind' if kind == 'range' else 'sweep'}-{time.strftime('%Y%m%d-%H%M%S')}"
         argv = finder_argv(kind, values, opts, self.root, run_name)
         _, _, _, run_dir = prepare(argv[0], argv[1:])  # bad settings are refused here, before any process
-        if run_dir.exists():
-            raise EmbedtrainError(f"{run_dir.name} already exists; wait a second and run again")
-        run_dir.mkdir(parents=True)
-        with open(run_dir / "job.log", "ab") as log:
-            proc = launch(argv, stdout=log)
-        job = {"pid": proc.pid, "kind": kind, "run_dir": str(run_dir), "started": time.time(), "argv": argv}
-        atomic_write_text(self.state_file, json.dumps(job))
-        return job
+
+        def spawn():
+            if run_dir.exists():
+                raise EmbedtrainError(f"{run_dir.name} already exists; wait a second and run again")
+            run_dir.mkdir(parents=True)
+            with open(run_dir / "job.log", "ab") as log:
+                proc = launch(argv, stdout=log)
+            return proc, {"kind": kind, "run_dir": str(run_dir), "argv": argv}
+
+        return self.slot.start("lr", spawn)
 
     def stop(self) -> str:
         job = self.running()
@@ -225,7 +220,7 @@ class FinderJobs:
             return "nothing is running"
         stop = Path(job["run_dir"]) / "STOP"
         if stop.exists():
-            os.kill(job["pid"], signal.SIGTERM)
+            self.slot.signal(job)
             return "stop asked again: signalled the process"
         stop.write_text("stop requested from the web UI\n")
         return "stopping: the current update finishes, then the curve so far is read"
@@ -256,7 +251,7 @@ def job_view(jobs: FinderJobs) -> dict:
     if not job:
         return empty
     kind, run_dir = job["kind"], Path(job["run_dir"])
-    running = _alive(job["pid"])
+    running = job_alive(job)
     frame = progress_frame(kind, run_dir)
     result = run_dir / f"{RESULT[kind]}.json"
     what = "Range test" if kind == "range" else "Sweep"
