@@ -1,4 +1,4 @@
-"""The calculator against the users' own numbers (DESIGN.md "Words", SCIENCE.md sections 1, 2 and 4),
+"""The calculator against the users' own numbers (docs/guide.md: "Steps and GA", "Range test", "Cyclical LR"),
 its errors, its CLI, and the trainer's log.csv for the same settings."""
 
 import csv
@@ -156,7 +156,7 @@ def test_nearest_options_are_the_nearest():
                     assert all(bs == 1 for bs, _ in full_cycle_settings(n + sign * k, cap))
 
 
-# ------------------------------------------------------------------ cyclical learning rates (SCIENCE.md 1-2)
+# ------------------------------------------------------------------ cyclical learning rates (docs/guide.md#range-test, #cyclical-lr)
 
 def test_clr_helpers_on_16_images_bs4():
     assert updates_per_epoch(16, 4) == 4

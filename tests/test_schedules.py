@@ -9,7 +9,7 @@ from embedtrain import EmbedtrainError
 from embedtrain.schedules import (SCHEDULES, ScheduleError, build_schedule, describe, low_point_updates,
                                   parse_piecewise)
 
-TOP = 1.13e-6  # the users' upper bound (SCIENCE.md sections 1-2)
+TOP = 1.13e-6  # the users' upper bound (docs/guide.md#range-test)
 
 
 def close(actual, expected, rel=1e-9, abs_=1e-12):
@@ -335,7 +335,7 @@ def test_import_does_not_pull_torch():
 
 
 def test_users_cyclical_run_from_their_own_numbers():
-    # SCIENCE.md 2: 16 training images, BS 4 -> 4 updates per epoch; 200 epochs = 800 updates; step size
+    # docs/guide.md#cyclical-lr: 16 training images, BS 4 -> 4 updates per epoch; 200 epochs = 800 updates; step size
     # 10 x epoch = 40 updates -> 10 cycles, each top at 1.13e-6 and each bottom at 0.
     from embedtrain.calculator import derive
     plan = derive(16, 4, 1, 800, "update")

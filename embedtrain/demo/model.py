@@ -102,7 +102,7 @@ def write_tokenizer(folder: Path, words=BASE_WORDS) -> Path:
     vocab, merges = word_vocab(words)
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    # model_max_length must be set: without it, padding to max length overflows (DESIGN.md gotcha).
+    # model_max_length must be set: without it, padding to max length overflows.
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "model_max_length": 77, "tokenizer_class": "CLIPTokenizer",
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",

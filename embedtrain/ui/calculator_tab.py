@@ -183,7 +183,7 @@ def compute(values: dict) -> dict:
             pass
     out["target"] = "\n".join(lines) or "Type a target number of epochs or weight updates."
 
-    # 4. cyclical learning rates (Smith 2017; docs/guide.md, "Cycling the learning rate")
+    # 4. cyclical learning rates (Smith 2017; docs/guide.md#cyclical-lr)
     upe = d.updates_per_epoch
     u = d.weight_updates
     clr = [f"- updates per epoch = images / (BS x GA{' x processes' if d.processes > 1 else ''}) = "
@@ -214,8 +214,8 @@ def compute(values: dict) -> dict:
                                 d.steps, v["study_steps"], unit, processes=d.processes)
         out["study"] = _frame(STUDY_COLUMNS, [(r.name, r.meaning, r.batch_size, r.grad_accum, r.steps, r.batches,
                                                r.weight_updates, fmt(r.epochs), r.epochs_floor) for r in runs])
-        out["study_note"] = (f"Names follow the guide: lower case = low (gaST = low GA, high steps). Steps are "
-                             f"{units}; whole epochs are what the guide reports.")
+        out["study_note"] = (f"Names follow the 'Steps and GA' write-up (Guide tab): lower case = low (gaST = low GA, high steps). Steps are "
+                             f"{units}; whole epochs are what the write-up reports.")
     except CalcError as err:
         out["study_note"] = message(err)
     return out

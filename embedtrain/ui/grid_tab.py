@@ -288,7 +288,7 @@ def build(ctx) -> None:
                               elem_id="grid-study"):
                 gr.Markdown("Trains four embeddings with the same seed and data (two BS,GA settings x two run "
                             "lengths; lower case = low), then grids them with the prompts and seeds above and "
-                            "writes the guide's four pairwise comparisons and a table.")
+                            "writes the four pairwise comparisons of the 'Steps and GA' write-up (Guide tab) and a table.")
                 with gr.Row():
                     s_data = gr.Textbox(ctx.data, label="Data folder", scale=3)
                     s_name = gr.Textbox("study", label="Name prefix")
