@@ -208,9 +208,12 @@ def test_browser_train_stop_reload(tmp_path):
     shots.mkdir()
     with app_server(outputs) as url, chromium_page() as page:
         page.goto(url)
-        for tab in ("Calculator", "LR finder", "Grid", "Train"):
+        for tab in ("Calculator", "LR finder", "Grid", "Guide", "Train"):
             page.get_by_role("tab", name=tab).click()
             page.screenshot(path=str(shots / f"tab-{tab}.png"))
+            if tab == "Guide":   # the science the tool is built on, on the page (it was a file users never had)
+                expect(page.locator("#guide")).to_contain_text("Range test")
+                expect(page.locator("#guide")).to_contain_text("Steps and GA")
         page.wait_for_function("(document.querySelector('#derived') || {innerText: ''}).innerText.includes('images')")
         assert page.locator("#stop-button").is_disabled() and page.locator("#resume-button").is_disabled()
         # An invalid form is named beside its fields and cannot start a job (it used to crash after starting).
@@ -385,3 +388,19 @@ def test_api_names_its_endpoints_parameters_and_outputs(tmp_path):
         labels = [r["label"] for r in ep["returns"]]
         assert not any(p.startswith("param_") for p in params), (name, params)
         assert not any(str(lb).startswith("value_") for lb in labels), (name, labels)
+
+
+def test_every_schedule_field_reaches_the_run_from_the_form(ctx):
+    """exp_range without gamma behaved as triangular, polynomial without a power as linear: the form now
+    carries every schedule field, and the preview draws what the run will use."""
+    from embedtrain.ui.train_tab import schedule_frame
+    flat, _ = schedule_frame(ctx, form(ctx, lr_schedule="exp_range", lr_step_size=5, steps=40))
+    decayed, desc = schedule_frame(ctx, form(ctx, lr_schedule="exp_range", lr_step_size=5, steps=40, lr_gamma=0.9))
+    assert not desc.startswith("Error") and decayed["lr"].max() < flat["lr"].max()
+    lin, _ = schedule_frame(ctx, form(ctx, lr_schedule="polynomial", steps=40))
+    quad, _ = schedule_frame(ctx, form(ctx, lr_schedule="polynomial", steps=40, lr_power=2.0))
+    assert quad["lr"].iloc[20] < lin["lr"].iloc[20]
+    stepped, desc = schedule_frame(ctx, form(ctx, lr_schedule="triangular", lr_step_size=2, steps=26,
+                                             lr_cycle_decay="3,2,1.5", lr_decay_factor=0.5))
+    assert not desc.startswith("Error"), desc
+    assert stepped["lr"].iloc[-8:].max() < stepped["lr"].max()

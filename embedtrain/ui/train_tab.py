@@ -27,7 +27,8 @@ SCHEDULES = ["constant", "linear", "cosine", "cosine_restarts", "polynomial", "p
 # Form fields in the order the callbacks receive them.
 FIELDS = ["model", "data", "name", "init_text", "vectors", "template", "batch_size", "grad_accum", "steps",
           "step_unit", "lr", "lr_schedule", "lr_piecewise", "lr_warmup", "lr_min", "lr_cycles", "lr_step_size",
-          "lr_step_size_epochs", "lr_cycle_start", "optimizer", "val_split", "val_every", "save_every",
+          "lr_step_size_epochs", "lr_cycle_start", "lr_power", "lr_gamma", "lr_cycle_decay", "lr_decay_factor",
+          "lr_extend", "optimizer", "val_split", "val_every", "save_every",
           "preview_every", "preview_prompt", "seed", "resolution", "flip", "run_name"]
 
 INFO = {
@@ -412,6 +413,17 @@ def build(ctx) -> None:
                     c["lr_step_size_epochs"] = gr.Number(cfg.lr_step_size_epochs, label="Step size as k x epoch",
                                                          minimum=0)
                     c["lr_cycle_start"] = gr.Radio(["low", "high"], value=cfg.lr_cycle_start, label="Cycle starts")
+                with gr.Row():   # every schedule field is reachable from the page (exp_range ran as triangular)
+                    c["lr_power"] = gr.Number(cfg.lr_power, label="Polynomial power", minimum=0,
+                                              info="polynomial: 1 = linear decay")
+                    c["lr_gamma"] = gr.Number(cfg.lr_gamma, label="exp_range gamma", minimum=0,
+                                              info="amplitude x gamma^update; 1 = triangular")
+                    c["lr_cycle_decay"] = gr.Textbox(cfg.lr_cycle_decay, label="Stepped top: cycles per stage",
+                                                     placeholder="3,2,1.5")
+                    c["lr_decay_factor"] = gr.Number(cfg.lr_decay_factor, label="Stepped top: factor per stage",
+                                                     minimum=0)
+                    c["lr_extend"] = gr.Checkbox(cfg.lr_extend, label="Hold the last piecewise LR to the end",
+                                                 info="instead of refusing a schedule shorter than the run")
             schedule_plot = gr.LinePlot(x="update", y="lr", title="Learning rate schedule (preview)", height=200,
                                         x_title="weight update", y_title="learning rate")
             schedule_desc = gr.Markdown("")
