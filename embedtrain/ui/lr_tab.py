@@ -279,11 +279,8 @@ def _fallback_config(ctx) -> TrainConfig:
     return apply_preset(cfg, explicit={"name", "data", "model", "out"})
 
 
-def build(ctx) -> None:
-    from embedtrain.lr_finder import default_candidates
-    jobs = FinderJobs(ctx.outputs)
-    cfg = _fallback_config(ctx)
-    gr.Markdown(INTRO)
+def _source_inputs(ctx, cfg: TrainConfig) -> dict:
+    """The Train tab's inputs the finder runs with, keyed by field; own inputs for any it does not offer."""
     missing = [k for k in SOURCE if ctx.train.get(k) is None]
     src = {k: ctx.train[k] for k in SOURCE if k not in missing}
     if missing:
@@ -297,51 +294,78 @@ def build(ctx) -> None:
                         src[k] = gr.Textbox(v, label=k)
                     else:
                         src[k] = gr.Number(v, label=k, precision=0 if isinstance(v, int) else None)
+    return src
+
+
+def _controls(cfg: TrainConfig) -> dict:
+    """The left column: the range test's and the sweep's settings, their buttons, Stop and the message."""
+    from embedtrain.lr_finder import default_candidates
+    ui = {}
+    with gr.Group():
+        gr.Markdown("### Range test")
+        with gr.Row():
+            ui["ramp"] = gr.Radio(["linear", "exponential"], value="linear", label="Ramp",
+                                  info="linear is what the users ran; exponential spans several decades")
+            ui["updates"] = gr.Number(60, label="Length (weight updates)", precision=0, minimum=5,
+                                      elem_id="lr-updates")
+        with gr.Row():
+            ui["start_lr"] = gr.Textbox("", label="Start LR", placeholder="0 (linear) / end / 1000 (exponential)",
+                                        elem_id="lr-start")
+            ui["end_lr"] = gr.Textbox("", label="End LR", placeholder="10 x the Train tab's LR", elem_id="lr-end")
+        ui["range_btn"] = gr.Button("Run range test", variant="primary", elem_id="lr-run-range")
+    with gr.Group():
+        gr.Markdown("### Sweep")
+        with gr.Row():
+            ui["candidates"] = gr.Textbox(", ".join(f"{c:g}" for c in default_candidates(cfg.lr)),
+                                          label="Candidate LRs", info="log-spaced around the LR; edit freely",
+                                          elem_id="lr-candidates")
+            ui["epochs"] = gr.Number(8, label="Epochs per candidate", minimum=0.1, elem_id="lr-epochs")
+        ui["sweep_btn"] = gr.Button("Run sweep", variant="primary", elem_id="lr-run-sweep")
+    ui["stop_btn"] = gr.Button("Stop", variant="stop", elem_id="lr-stop")
+    ui["message"] = gr.Markdown("", elem_id="lr-message")
+    return ui
+
+
+def _results() -> dict:
+    """The right column: status, live plots, the verdict and its image, and the buttons that send it on."""
+    ui = {"status": gr.Markdown("", elem_id="lr-status")}
+    ui["range_plot"] = gr.LinePlot(x="lr", y="value", color="series", title="Range test: validation loss vs LR",
+                                   x_title="learning rate", y_title="validation loss", height=260,
+                                   elem_id="lr-range-plot")
+    ui["sweep_plot"] = gr.LinePlot(x="update", y="value", color="log10 LR", title="Sweep: validation loss per LR",
+                                   x_title="weight update", y_title="validation loss", height=260,
+                                   elem_id="lr-sweep-plot")
+    ui["verdict"] = gr.Markdown("", elem_id="lr-verdict")
+    ui["image"] = gr.Image(label="Result plot", type="filepath", interactive=False, height=340, elem_id="lr-image")
+    with gr.Row():
+        ui["k_epochs"] = gr.Number(4, label="Half cycle = k x epoch", minimum=0.5, info="Smith: k = 2 to 10",
+                                   elem_id="lr-k", scale=1)
+        ui["use_range"] = gr.Button("Use this range", elem_id="lr-use-range", interactive=False, scale=1)
+        ui["use_lr"] = gr.Button("Use this LR", elem_id="lr-use-lr", interactive=False, scale=1)
+    ui["sent"] = gr.Markdown("", elem_id="lr-sent")
+    return ui
+
+
+def build(ctx) -> None:
+    jobs = FinderJobs(ctx.outputs)
+    cfg = _fallback_config(ctx)
+    gr.Markdown(INTRO)
+    src = _source_inputs(ctx, cfg)
     with gr.Row():
         with gr.Column(scale=2):
-            with gr.Group():
-                gr.Markdown("### Range test")
-                with gr.Row():
-                    ramp = gr.Radio(["linear", "exponential"], value="linear", label="Ramp",
-                                    info="linear is what the users ran; exponential spans several decades")
-                    updates = gr.Number(60, label="Length (weight updates)", precision=0, minimum=5,
-                                        elem_id="lr-updates")
-                with gr.Row():
-                    start_lr = gr.Textbox("", label="Start LR", placeholder="0 (linear) / end / 1000 (exponential)",
-                                          elem_id="lr-start")
-                    end_lr = gr.Textbox("", label="End LR", placeholder="10 x the Train tab's LR", elem_id="lr-end")
-                range_btn = gr.Button("Run range test", variant="primary", elem_id="lr-run-range")
-            with gr.Group():
-                gr.Markdown("### Sweep")
-                with gr.Row():
-                    candidates = gr.Textbox(", ".join(f"{c:g}" for c in default_candidates(cfg.lr)),
-                                            label="Candidate LRs", info="log-spaced around the LR; edit freely",
-                                            elem_id="lr-candidates")
-                    epochs = gr.Number(8, label="Epochs per candidate", minimum=0.1, elem_id="lr-epochs")
-                sweep_btn = gr.Button("Run sweep", variant="primary", elem_id="lr-run-sweep")
-            stop_btn = gr.Button("Stop", variant="stop", elem_id="lr-stop")
-            message = gr.Markdown("", elem_id="lr-message")
+            ui = _controls(cfg)
         with gr.Column(scale=3):
-            status = gr.Markdown("", elem_id="lr-status")
-            range_plot = gr.LinePlot(x="lr", y="value", color="series", title="Range test: validation loss vs LR",
-                                     x_title="learning rate", y_title="validation loss", height=260,
-                                     elem_id="lr-range-plot")
-            sweep_plot = gr.LinePlot(x="update", y="value", color="log10 LR", title="Sweep: validation loss per LR",
-                                     x_title="weight update", y_title="validation loss", height=260,
-                                     elem_id="lr-sweep-plot")
-            verdict = gr.Markdown("", elem_id="lr-verdict")
-            image = gr.Image(label="Result plot", type="filepath", interactive=False, height=340, elem_id="lr-image")
-            with gr.Row():
-                k_epochs = gr.Number(4, label="Half cycle = k x epoch", minimum=0.5, info="Smith: k = 2 to 10",
-                                     elem_id="lr-k", scale=1)
-                use_range = gr.Button("Use this range", elem_id="lr-use-range", interactive=False, scale=1)
-                use_lr = gr.Button("Use this LR", elem_id="lr-use-lr", interactive=False, scale=1)
-            sent = gr.Markdown("", elem_id="lr-sent")
-    timer = gr.Timer(1.0, active=False)
+            ui.update(_results())
+    ui["timer"] = gr.Timer(1.0, active=False)
+    _wire_jobs(ctx, jobs, src, ui)
+    _wire_send(ctx, jobs, ui)
+
+
+def _wire_jobs(ctx, jobs: FinderJobs, src: dict, ui: dict) -> None:
+    """Run / Stop, and the 1 s timer that follows the job's folder while it runs."""
     src_keys = list(src)
     src_inputs = [src[k] for k in src_keys]
 
-    # ---- handlers
     def start(kind, *args):
         values = dict(zip(src_keys, args[:len(src_keys)]))
         rest = args[len(src_keys):]
@@ -359,11 +383,13 @@ def build(ctx) -> None:
             return f"**Error:** {text}", gr.Timer(active=False)
         return f"Started `{' '.join(job['argv'][:1])}` in `{job['run_dir']}`", gr.Timer(active=True)
 
-    range_btn.click(lambda *a: start("range", *a), src_inputs + [ramp, updates, start_lr, end_lr], [message, timer],
-                    api_visibility="private")
-    sweep_btn.click(lambda *a: start("sweep", *a), src_inputs + [candidates, epochs], [message, timer],
-                    api_visibility="private")
-    stop_btn.click(jobs.stop, None, message, api_visibility="private")
+    out = [ui["message"], ui["timer"]]
+    ui["range_btn"].click(lambda *a: start("range", *a),
+                          src_inputs + [ui[k] for k in ("ramp", "updates", "start_lr", "end_lr")], out,
+                          api_visibility="private")
+    ui["sweep_btn"].click(lambda *a: start("sweep", *a), src_inputs + [ui["candidates"], ui["epochs"]], out,
+                          api_visibility="private")
+    ui["stop_btn"].click(jobs.stop, None, ui["message"], api_visibility="private")
 
     def refresh():
         v = job_view(jobs)
@@ -379,21 +405,21 @@ def build(ctx) -> None:
                 gr.update(interactive=bool(swp and swp.get("recommended_lr") is not None)),
                 gr.Timer(active=v["running"]))
 
-    outs = [status, range_plot, sweep_plot, verdict, image, use_range, use_lr, timer]
-    timer.tick(refresh, None, outs, show_progress="hidden", api_visibility="private")
+    outs = [ui[k] for k in ("status", "range_plot", "sweep_plot", "verdict", "image", "use_range", "use_lr", "timer")]
+    ui["timer"].tick(refresh, None, outs, show_progress="hidden", api_visibility="private")
     ctx.on_load.append((refresh, None, outs))
 
-    # ---- "Use this range" / "Use this LR": fill the Train tab's inputs and switch to it
-    switch = ctx.tabs
 
+def _wire_send(ctx, jobs: FinderJobs, ui: dict) -> None:
+    """"Use this range" / "Use this LR": fill the Train tab's inputs, switch to it, say what changed."""
+    switch = ctx.tabs
     send_keys = [k for k in ("lr_schedule", "lr_min", "lr", "lr_step_size", "lr_step_size_epochs", "lr_cycle_start")
                  if ctx.train.get(k) is not None]
     labels = {k: ctx.train[k].label for k in send_keys}
     told = [ctx.train_message] if ctx.train_message is not None else []
-    send_outputs = [sent] + [ctx.train[k] for k in send_keys] + told + ([switch] if switch is not None else [])
+    send_outputs = [ui["sent"]] + [ctx.train[k] for k in send_keys] + told + ([switch] if switch is not None else [])
 
     def send(settings: dict, what: str, before: dict):
-        """Fill the Train tab and switch to it, saying there (and here) what changed, e.g. the schedule."""
         targets = [k for k in settings if k in send_keys]
         if not targets:
             return [f"The Train tab has no LR inputs to fill; set these by hand: {settings}"] + \
@@ -421,5 +447,5 @@ def build(ctx) -> None:
             return refused(e)
 
     current = [ctx.train[k] for k in send_keys]
-    use_range.click(send_range, [k_epochs, *current], send_outputs, api_visibility="private")
-    use_lr.click(send_lr, current, send_outputs, api_visibility="private")
+    ui["use_range"].click(send_range, [ui["k_epochs"], *current], send_outputs, api_visibility="private")
+    ui["use_lr"].click(send_lr, current, send_outputs, api_visibility="private")
