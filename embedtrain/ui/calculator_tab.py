@@ -236,7 +236,6 @@ def build(ctx) -> None:
     box = {}
     # "Use these settings" goes to whichever of the Train tab's inputs exist, then switches to that tab.
     targets = [(k, ctx.train[k]) for k in SEND if ctx.train.get(k) is not None]
-    switch = getattr(ctx, "tabs", None)
 
     def number(key, **kw):
         label, info, default = INPUTS[key]
@@ -294,10 +293,16 @@ def build(ctx) -> None:
     study_note = gr.Markdown(first["study_note"], elem_id="calc-study-note")
     study = gr.Dataframe(first["study"], interactive=False, elem_id="calc-study")
 
-    names = list(box)
     shown = {"error": error, "summary": summary, "derived": derived, "full_cycle": full,
              "full_cycle_note": full_note, "target": target, "clr": clr, "clr_table": clr_table,
              "study": study, "study_note": study_note}
+    _wire(ctx, box, shown, use, reread, targets)
+
+
+def _wire(ctx, box: dict, shown: dict, use, reread, targets: list) -> None:
+    """Live updates of every output, "Read the Train tab" (also on page load) and "Use these settings"."""
+    names = list(box)
+    switch = getattr(ctx, "tabs", None)
 
     def refresh(*args):
         out = compute(dict(zip(names, args)))
