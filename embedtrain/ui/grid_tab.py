@@ -241,106 +241,130 @@ def _progress_text(ev: dict) -> str:
 
 
 # ------------------------------------------------------------------ layout and wiring
+def _grid_form(ctx) -> dict:
+    """The grid's settings (GRID_FIELDS, as components) and its buttons."""
+    ui = {"model": gr.Textbox(ctx.model, label="Model", info="'demo', a diffusers folder or a checkpoint file",
+                              elem_id="grid-model")}
+    with gr.Row():
+        ui["picked"] = gr.CheckboxGroup(embedding_choices(ctx.outputs), label="Embeddings from the outputs folder "
+                                        "(runs, snapshots, studies; newest first)", elem_id="grid-embeddings",
+                                        scale=4)
+        ui["refresh"] = gr.Button("Refresh", size="sm", scale=0, min_width=90, elem_id="grid-refresh")
+    ui["extra"] = gr.Textbox(label="More embedding files", lines=2, elem_id="grid-extra",
+                             info="paths inside the outputs folder, one per line")
+    ui["prompts"] = gr.Textbox("\n".join(DEFAULT_PROMPTS), label="Prompts (one per line)", lines=3,
+                               elem_id="grid-prompts")
+    ui["seeds"] = gr.Textbox("1 2", label="Seeds", info="e.g. 1 2 3 or 1-4; one row per prompt and seed",
+                             elem_id="grid-seeds")
+    with gr.Row():
+        ui["sample_steps"] = gr.Number(20, label="Sampling steps", precision=0, minimum=1,
+                                       elem_id="grid-sample-steps")
+        ui["cfg_scale"] = gr.Number(model_cfg_scale(ctx.model), label="CFG scale", minimum=0, elem_id="grid-cfg",
+                                    info=f"demo model: {model_cfg_scale('demo'):g}; Stable Diffusion: "
+                                         f"{model_cfg_scale(''):g} is usual")
+        ui["sampler"] = gr.Dropdown(list(SAMPLERS), value="default", label="Sampler", elem_id="grid-sampler")
+    with gr.Row():
+        ui["width"] = gr.Number(0, label="Width (0 = model's)", precision=0, minimum=0)
+        ui["height"] = gr.Number(0, label="Height (0 = model's)", precision=0, minimum=0)
+        ui["margin"] = gr.Number(0, label="Margin (px)", precision=0, minimum=0)
+    ui["negative_prompt"] = gr.Textbox(label="Negative prompt")
+    with gr.Row():
+        ui["baseline"] = gr.Radio(BASELINES, value="none", label="Baseline column", elem_id="grid-baseline")
+        ui["baseline_text"] = gr.Textbox(label="Baseline text", info="for 'this text'")
+    with gr.Row():
+        ui["swap_axes"] = gr.Checkbox(False, label="Swap axes (embeddings as rows)", elem_id="grid-swap")
+        ui["legend"] = gr.Checkbox(True, label="Legend", elem_id="grid-legend")
+        ui["demo_scores"] = gr.Checkbox(ctx.model == "demo", label="Demo scores (demo model: cells the judge "
+                                        "reads as a purple star)", elem_id="grid-demo-scores")
+    with gr.Row():
+        ui["render_btn"] = gr.Button("Render grid", variant="primary", elem_id="grid-render")
+        ui["stop_btn"] = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="grid-stop")
+        ui["use_btn"] = gr.Button("Use these settings", scale=0, min_width=170, elem_id="grid-use")
+    return ui
+
+
+def _study_form(ctx) -> dict:
+    """The steps-vs-GA study's settings (STUDY_FIELDS, as components) and its button."""
+    ui = {}
+    with gr.Accordion("Steps vs gradient accumulation study (gaST, gast, GAST, GAst)", open=False,
+                      elem_id="grid-study"):
+        gr.Markdown("Trains four embeddings with the same seed and data (two BS,GA settings x two run "
+                    "lengths; lower case = low), then grids them with the prompts and seeds above and "
+                    "writes the four pairwise comparisons of the 'Steps and GA' write-up (Guide tab) and a table.")
+        with gr.Row():
+            ui["data"] = gr.Textbox(ctx.data, label="Data folder", scale=3)
+            ui["name"] = gr.Textbox("study", label="Name prefix")
+            ui["init_text"] = gr.Textbox("star" if ctx.model == "demo" else "", label="Init text")
+        with gr.Row():
+            ui["low"] = gr.Textbox("13,2", label="Setting 1: BS,GA")
+            ui["high"] = gr.Textbox("3,17", label="Setting 2: BS,GA")
+            ui["low_steps"] = gr.Number(150, label="Low steps", precision=0)
+            ui["high_steps"] = gr.Number(3000, label="High steps", precision=0)
+        with gr.Row():
+            ui["step_unit"] = gr.Radio(["batch", "update"], value="batch", label="Step unit")
+            ui["lr"] = gr.Textbox("", label="LR (empty = model preset)")
+            ui["val_split"] = gr.Number(0.0, label="Validation split")
+            ui["seed"] = gr.Number(0, label="Seed", precision=0)
+        ui["study_btn"] = gr.Button("Run study", variant="primary", elem_id="grid-study-run")
+    return ui
+
+
+def _results() -> dict:
+    return {"status": gr.Markdown("", elem_id="grid-status", label="status"),
+            "image": gr.Image(label="Grid", type="filepath", interactive=False, elem_id="grid-image"),
+            "download": gr.File(label="Download", file_count="multiple", interactive=False, elem_id="grid-file"),
+            "pairs": gr.Gallery(label="Study: pairwise comparisons", columns=2, height=320, visible=False,
+                                elem_id="grid-pairs"),
+            "table": gr.Dataframe(label="Study: runs", interactive=False, visible=False, elem_id="grid-table")}
+
+
 def build(ctx) -> None:
     runner = Runner(ctx.outputs)
     gr.Markdown("Same prompts, same seeds, one column per embedding: every column starts from the same noise, "
                 "so the only difference you see is the embedding. Write `{}` or `[name]` where the embedding goes.")
     with gr.Row():
         with gr.Column(scale=2):
-            model = gr.Textbox(ctx.model, label="Model", info="'demo', a diffusers folder or a checkpoint file",
-                               elem_id="grid-model")
-            with gr.Row():
-                picked = gr.CheckboxGroup(embedding_choices(ctx.outputs), label="Embeddings from the outputs folder "
-                                          "(runs, snapshots, studies; newest first)", elem_id="grid-embeddings",
-                                          scale=4)
-                refresh = gr.Button("Refresh", size="sm", scale=0, min_width=90, elem_id="grid-refresh")
-            extra = gr.Textbox(label="More embedding files", lines=2, elem_id="grid-extra",
-                               info="paths inside the outputs folder, one per line")
-            prompts = gr.Textbox("\n".join(DEFAULT_PROMPTS), label="Prompts (one per line)", lines=3,
-                                 elem_id="grid-prompts")
-            seeds = gr.Textbox("1 2", label="Seeds", info="e.g. 1 2 3 or 1-4; one row per prompt and seed",
-                               elem_id="grid-seeds")
-            with gr.Row():
-                sample_steps = gr.Number(20, label="Sampling steps", precision=0, minimum=1,
-                                         elem_id="grid-sample-steps")
-                cfg_scale = gr.Number(model_cfg_scale(ctx.model), label="CFG scale", minimum=0, elem_id="grid-cfg",
-                                      info=f"demo model: {model_cfg_scale('demo'):g}; Stable Diffusion: "
-                                           f"{model_cfg_scale(''):g} is usual")
-                sampler = gr.Dropdown(list(SAMPLERS), value="default", label="Sampler", elem_id="grid-sampler")
-            with gr.Row():
-                width = gr.Number(0, label="Width (0 = model's)", precision=0, minimum=0)
-                height = gr.Number(0, label="Height (0 = model's)", precision=0, minimum=0)
-                margin = gr.Number(0, label="Margin (px)", precision=0, minimum=0)
-            negative = gr.Textbox(label="Negative prompt")
-            with gr.Row():
-                baseline = gr.Radio(BASELINES, value="none", label="Baseline column", elem_id="grid-baseline")
-                baseline_text = gr.Textbox(label="Baseline text", info="for 'this text'")
-            with gr.Row():
-                swap = gr.Checkbox(False, label="Swap axes (embeddings as rows)", elem_id="grid-swap")
-                legend = gr.Checkbox(True, label="Legend", elem_id="grid-legend")
-                demo_scores = gr.Checkbox(ctx.model == "demo", label="Demo scores (demo model: cells the judge "
-                                          "reads as a purple star)", elem_id="grid-demo-scores")
-            with gr.Row():
-                render_btn = gr.Button("Render grid", variant="primary", elem_id="grid-render")
-                stop_btn = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="grid-stop")
-                use_btn = gr.Button("Use these settings", scale=0, min_width=170, elem_id="grid-use")
-            with gr.Accordion("Steps vs gradient accumulation study (gaST, gast, GAST, GAst)", open=False,
-                              elem_id="grid-study"):
-                gr.Markdown("Trains four embeddings with the same seed and data (two BS,GA settings x two run "
-                            "lengths; lower case = low), then grids them with the prompts and seeds above and "
-                            "writes the four pairwise comparisons of the 'Steps and GA' write-up (Guide tab) and a table.")
-                with gr.Row():
-                    s_data = gr.Textbox(ctx.data, label="Data folder", scale=3)
-                    s_name = gr.Textbox("study", label="Name prefix")
-                    s_init = gr.Textbox("star" if ctx.model == "demo" else "", label="Init text")
-                with gr.Row():
-                    s_low = gr.Textbox("13,2", label="Setting 1: BS,GA")
-                    s_high = gr.Textbox("3,17", label="Setting 2: BS,GA")
-                    s_low_steps = gr.Number(150, label="Low steps", precision=0)
-                    s_high_steps = gr.Number(3000, label="High steps", precision=0)
-                with gr.Row():
-                    s_unit = gr.Radio(["batch", "update"], value="batch", label="Step unit")
-                    s_lr = gr.Textbox("", label="LR (empty = model preset)")
-                    s_val = gr.Number(0.0, label="Validation split")
-                    s_seed = gr.Number(0, label="Seed", precision=0)
-                study_btn = gr.Button("Run study", variant="primary", elem_id="grid-study-run")
+            grid = _grid_form(ctx)
+            study = _study_form(ctx)
         with gr.Column(scale=3):
-            status = gr.Markdown("", elem_id="grid-status", label="status")
-            image = gr.Image(label="Grid", type="filepath", interactive=False, elem_id="grid-image")
-            download = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="grid-file")
-            pairs = gr.Gallery(label="Study: pairwise comparisons", columns=2, height=320, visible=False,
-                               elem_id="grid-pairs")
-            table = gr.Dataframe(label="Study: runs", interactive=False, visible=False, elem_id="grid-table")
+            out = _results()
+    _wire_render(ctx, runner, grid, study, out)
+    _wire_use(ctx, grid, out)
 
-    grid_inputs = [model, picked, extra, prompts, seeds, sample_steps, cfg_scale, sampler, width, height, negative,
-                   baseline, baseline_text, swap, legend, margin, demo_scores]
-    study_inputs = [s_data, s_name, s_init, s_low, s_high, s_low_steps, s_high_steps, s_unit, s_lr, s_val, s_seed]
+
+def _follow(runner: Runner, argv, progress):
+    """Yield (status text, done event or None) while the process runs."""
+    yield "Starting…", None
+    for ev in runner.stream(argv):
+        if ev["event"] == "progress":
+            progress(min(1.0, ev["done"] / max(ev["total"], 1)), desc=ev["message"])
+            yield _progress_text(ev), None
+        elif ev["event"] == "error":
+            yield f"**Error:** {ev['message']}", None
+            return
+        elif ev["event"] == "done":
+            yield "", ev
+            return
+
+
+def _wire_render(ctx, runner: Runner, grid: dict, study_ui: dict, out: dict) -> None:
+    """Refresh, Render, Stop and Run study."""
+    grid_inputs = [grid[k] for k in GRID_FIELDS]
+    study_inputs = [study_ui[k] for k in STUDY_FIELDS]
+    status, image, download, pairs, table = (out[k] for k in ("status", "image", "download", "pairs", "table"))
 
     def do_refresh(current):
         choices = embedding_choices(ctx.outputs)
         return gr.update(choices=choices, value=[c for c in (current or []) if c in choices])
 
-    refresh.click(do_refresh, picked, picked, show_progress="hidden", api_name="grid_embeddings")
-
-    def follow(argv, progress):
-        """Yield (status text, done event or None) while the process runs."""
-        yield "Starting…", None
-        for ev in runner.stream(argv):
-            if ev["event"] == "progress":
-                progress(min(1.0, ev["done"] / max(ev["total"], 1)), desc=ev["message"])
-                yield _progress_text(ev), None
-            elif ev["event"] == "error":
-                yield f"**Error:** {ev['message']}", None
-                return
-            elif ev["event"] == "done":
-                yield "", ev
-                return
+    grid["refresh"].click(do_refresh, grid["picked"], grid["picked"], show_progress="hidden",
+                          api_name="grid_embeddings")
 
     def render(*args, progress=gr.Progress()):
         v = dict(zip(GRID_FIELDS, args))
         try:
-            argv, out = grid_command(ctx, v)
-            for text, done in follow(argv, progress):
+            argv, _ = grid_command(ctx, v)
+            for text, done in _follow(runner, argv, progress):
                 if done is None:
                     yield text, gr.update(), gr.update()
                 else:
@@ -353,16 +377,16 @@ def build(ctx) -> None:
             yield f"**Error:** {e}", gr.update(), gr.update()
 
     api_parameters(render, GRID_FIELDS)
-    render_btn.click(render, grid_inputs, [status, image, download], api_name="grid", concurrency_limit=1)
-    stop_btn.click(lambda: runner.stop(), None, status, api_name="grid_stop")
+    grid["render_btn"].click(render, grid_inputs, [status, image, download], api_name="grid", concurrency_limit=1)
+    grid["stop_btn"].click(lambda: runner.stop(), None, status, api_name="grid_stop")
 
     def study(*args, progress=gr.Progress()):
         v = dict(zip(STUDY_FIELDS, args[:len(STUDY_FIELDS)]))
         g = dict(zip(GRID_FIELDS, args[len(STUDY_FIELDS):]))
         keep = (gr.update(),) * 4
         try:
-            argv, folder = study_command(ctx, v, g)
-            for text, done in follow(argv, progress):
+            argv, _ = study_command(ctx, v, g)
+            for text, done in _follow(runner, argv, progress):
                 if done is None:
                     yield (text, *keep)
                     continue
@@ -376,10 +400,14 @@ def build(ctx) -> None:
             yield (f"**Error:** {e}", *keep)
 
     api_parameters(study, STUDY_FIELDS + GRID_FIELDS)
-    study_btn.click(study, study_inputs + grid_inputs, [status, image, download, pairs, table], api_name="study",
-                    concurrency_limit=1)
+    study_ui["study_btn"].click(study, study_inputs + grid_inputs, [status, image, download, pairs, table],
+                                api_name="study", concurrency_limit=1)
+    # on (re)load only the choices change: what the user ticks meanwhile is kept
+    ctx.on_load.append((lambda: gr.update(choices=embedding_choices(ctx.outputs)), None, grid["picked"]))
 
-    # "Use these settings": the first picked embedding's training settings go to the Train tab.
+
+def _wire_use(ctx, grid: dict, out: dict) -> None:
+    """"Use these settings": the first picked embedding's training settings go to the Train tab."""
     targets = [(k, ctx.train[k]) for k in SEND if ctx.train.get(k) is not None]
 
     def use(chosen):
@@ -391,7 +419,5 @@ def build(ctx) -> None:
         return [settings[k] for k, _ in targets] + ([gr.Tabs(selected="train")] if ctx.tabs is not None else []) \
             + [f"Sent the settings of `{chosen[0]}` to the Train tab"]
 
-    use_btn.click(use, picked, [c for _, c in targets] + ([ctx.tabs] if ctx.tabs is not None else []) + [status],
-                  api_name="grid_use_settings")
-    # on (re)load only the choices change: what the user ticks meanwhile is kept
-    ctx.on_load.append((lambda: gr.update(choices=embedding_choices(ctx.outputs)), None, picked))
+    grid["use_btn"].click(use, grid["picked"], [c for _, c in targets] + ([ctx.tabs] if ctx.tabs is not None else [])
+                          + [out["status"]], api_name="grid_use_settings")
