@@ -1,9 +1,11 @@
 """embedtrain's web UI. `python app.py` opens it on the built-in demo model and demo dataset.
 
 Flags: --host (default 127.0.0.1), --port, --auth user:pass or a file of user:pass lines, --model,
---data, --outputs, --insecure (allow a non-local --host without --auth). Only the outputs folder and the
-bundled assets are served; training runs in its own process (embedtrain.ui.jobs), so closing the page
-or restarting the server never stops a job.
+--data, --outputs, --allow-dir (another folder the page may read), --share (a public Gradio link),
+--insecure (allow a non-local --host or --share without --auth). Only the outputs folder and the
+bundled assets are served; the page reads folders only inside those, the --data folder and each
+--allow-dir. Training runs in its own process (embedtrain.ui.jobs), so closing the page or restarting
+the server never stops a job.
 """
 
 from __future__ import annotations
@@ -45,9 +47,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=int(os.environ.get("EMBEDTRAIN_PORT", 7860)))
     p.add_argument("--auth", help="user:pass, or a file of user:pass lines; required for a non-local --host")
-    p.add_argument("--insecure", action="store_true", help="allow a non-local --host without --auth")
+    p.add_argument("--insecure", action="store_true", help="allow a non-local --host or --share without --auth")
+    p.add_argument("--share", action="store_true",
+                   help="open a public gradio.live link (needs --auth, or --insecure); off unless given, even "
+                        "where GRADIO_SHARE, Colab or Kaggle would turn it on")
     p.add_argument("--model", default="demo", help="default model: 'demo', a diffusers folder or a checkpoint")
-    p.add_argument("--data", default=str(ROOT / "assets" / "demo_dataset"), help="default dataset folder")
+    p.add_argument("--data", default=str(ROOT / "assets" / "demo_dataset"),
+                   help="default dataset folder (the page may read it)")
+    p.add_argument("--allow-dir", action="append", default=[], metavar="FOLDER",
+                   help="another folder whose datasets the page may read (repeat for more); besides it, the "
+                        "page reads only the outputs folder, the bundled assets and --data")
     p.add_argument("--outputs", default=str(ROOT / "outputs"), help="where runs, grids and sweeps are written")
     return p
 
@@ -60,16 +69,24 @@ def main(argv=None) -> int:
               "could train, read outputs and fill the disk. Add --auth user:pass (or --insecure if you "
               "really mean it).", file=sys.stderr)
         return 2
+    if args.share and not auth and not args.insecure:
+        print("refusing to open a --share link without --auth: anyone with the link could train, read outputs "
+              "and fill the disk. Add --auth user:pass (or --insecure if you really mean it).", file=sys.stderr)
+        return 2
+    if os.environ.get("GRADIO_SHARE", "").lower() == "true" and not args.share:
+        print("GRADIO_SHARE=true is ignored: no public link unless you pass --share (with --auth)", file=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     sys.path.insert(0, str(ROOT))
     from embedtrain.ui.app import CSS, build_app
     from embedtrain.ui.context import UIContext
 
-    ctx = UIContext(outputs=Path(args.outputs), model=args.model, data=args.data)
+    ctx = UIContext(outputs=Path(args.outputs), model=args.model, data=args.data, allow=args.allow_dir).serve()
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=args.host, server_port=args.port, auth=auth, css=CSS,
+    # share is always passed: left out, Gradio opens a public link by itself in Colab, Kaggle or with
+    # GRADIO_SHARE=true, with no auth (the checks above would never have seen it).
+    demo.launch(server_name=args.host, server_port=args.port, auth=auth, css=CSS, share=args.share,
                 allowed_paths=[str(ctx.outputs), str(ROOT / "assets")], max_file_size=MAX_UPLOAD,
                 show_error=True, inbrowser=False, quiet=False)
     return 0

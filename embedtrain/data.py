@@ -2,6 +2,8 @@
 
 Image hygiene: EXIF orientation applied; RGBA/LA/P-with-transparency composited on white; CMYK,
 16-bit and grayscale converted; truncated or unreadable files skipped with a reason for the run log.
+The trainer decodes every image (scan_folder); the web UI only looks (inspect_folder): the same
+usable/skipped split from headers and cheap checks, and thumbnails decoded within a pixel budget.
 Sampling (DESIGN.md): an endless stream of per-epoch shuffles, seeded; batches may straddle an epoch
 boundary and no image is ever dropped, so the calculator's formulas are exact.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import random
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,14 @@ from embedtrain.calculator import split_counts
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_PIXELS = 64_000_000          # larger images are refused unread (decompression-bomb guard)
+# The web UI decodes no image larger than this (counted after JPEG's reduced decoding) to check it or
+# draw its thumbnail: a 64 MP 16-bit PNG took the server from 186 MB to 1.9 GB. Larger ones are
+# checked from their header (and PNG chunk checksums) and shown as a placeholder; the trainer loads them.
+PREVIEW_MAX_PIXELS = 16_000_000
+# A caption is a sentence or a list of tags (CLIP reads 75 tokens, a few hundred bytes); a bigger .txt is
+# not a caption (a log, a misnamed file) and its image is skipped with the reason, never read whole.
+MAX_CAPTION_BYTES = 64 * 1024
+MAX_TEMPLATE_BYTES = 256 * 1024  # a template file: one prompt per line, a few dozen lines
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "assets" / "templates"
 
 
@@ -30,7 +41,8 @@ class DataError(EmbedtrainError):
 class Sample:
     path: Path
     caption: str                 # [filewords]: sidecar .txt, else the cleaned file name
-    image: "object" = None       # PIL.Image, RGB, resolution x resolution
+    image: "object" = None       # PIL.Image, RGB, resolution x resolution (inspect_folder: a thumbnail or None)
+    note: str = ""               # inspect_folder: why there is no thumbnail (too many pixels to decode)
 
 
 @dataclass
@@ -48,8 +60,14 @@ def to_rgb(img):
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit grayscale (PNG): scale 0..65535 to 0..255. Always the full 16-bit range: guessing the range
         # from the brightest pixel would turn a dark 16-bit image (all values < 256) into a bright one.
-        arr = np.asarray(img).astype(np.float64)
-        img = Image.fromarray(np.clip(arr / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        # Integer rounding (v * 255 + 32767) // 65535 is v / 65535 * 255 rounded half up, exactly (no ties
+        # exist), in 4 bytes a pixel instead of float64's 8.
+        arr = np.asarray(img).astype(np.int32)
+        np.clip(arr, 0, 65535, out=arr)
+        arr *= 255
+        arr += 32767
+        arr //= 65535
+        img = Image.fromarray(arr.astype(np.uint8), "L")
     elif img.mode == "F":
         arr = np.asarray(img)
         img = Image.fromarray(np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8), "L")
@@ -74,19 +92,15 @@ def fit(img, resolution: int):
     return img.crop((left, top, left + resolution, top + resolution))
 
 
-def open_image(path: Path, resolution: int):
-    """Load one training image ready for the VAE, or raise DataError with a reason."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+@contextmanager
+def _image_errors():
+    """Whatever PIL raises for one file becomes a DataError with the reason the run log shows."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise DataError(f"{img.width}x{img.height} is over the {MAX_PIXELS // 1_000_000} MP limit")
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                img = to_rgb(img)
+            yield
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -94,42 +108,161 @@ def open_image(path: Path, resolution: int):
     except UnidentifiedImageError:
         raise DataError("not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"unreadable ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
+        raise DataError(display_name(f"unreadable ({(str(e).splitlines() or [type(e).__name__])[0][:120]})")) \
+            from None
     except Exception as e:  # noqa: BLE001  PIL opens any format whatever the extension; one odd file
         # (struct.error, IndexError, MemoryError ... from some plugin) must cost that file, not the run.
-        raise DataError(f"unreadable ({type(e).__name__}: {str(e)[:100]})") from None
-    if min(img.size) < 8:
-        raise DataError(f"only {img.width}x{img.height} pixels; at least 8x8 are needed")
+        raise DataError(display_name(f"unreadable ({type(e).__name__}: {str(e)[:100]})")) from None
+
+
+def _check_header(img) -> None:
+    if img.width * img.height > MAX_PIXELS:
+        raise DataError(f"{img.width}x{img.height} is over the {MAX_PIXELS // 1_000_000} MP limit")
+
+
+def _check_size(width: int, height: int) -> None:
+    if min(width, height) < 8:
+        raise DataError(f"only {width}x{height} pixels; at least 8x8 are needed")
+
+
+def open_image(path: Path, resolution: int):
+    """Load one training image ready for the VAE, or raise DataError with a reason."""
+    from PIL import Image, ImageOps
+
+    with _image_errors():
+        with Image.open(path) as img:
+            _check_header(img)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = to_rgb(img)
+    _check_size(*img.size)
     return fit(img, resolution)
 
 
+def look_at_image(path: Path, thumb: int | None = None, max_pixels: int = PREVIEW_MAX_PIXELS):
+    """The web UI's check of one image: (thumbnail or None, note), or DataError with the trainer's reason.
+
+    Never decodes more than `max_pixels`: a JPEG is decoded at a reduced scale (1/2 to 1/8, its draft
+    mode), anything else whole only when it fits the budget; a larger image is judged by its header
+    alone (a PNG also by the checksum of every chunk, which finds a truncated or damaged file) and gets
+    no thumbnail, only a note. `thumb`: the thumbnail's side in pixels (RGB, square); None = only check,
+    then a PNG is never decoded (its checksums suffice) and a JPEG only at 1/8 scale.
+    """
+    from PIL import Image, ImageOps
+
+    with _image_errors():
+        with Image.open(path) as img:
+            _check_header(img)
+            w, h = img.size
+            if img.format == "JPEG":   # no checksum: decoding (at 1/8 scale to check, 2x the thumb to show) finds damage
+                img.draft(None, (2 * thumb, 2 * thumb) if thumb else (8, 8))
+            decode = img.width * img.height <= max_pixels and (thumb or img.format != "PNG")
+            if not decode:
+                if img.format == "PNG":
+                    img.verify()
+                _check_size(w, h)
+                note = "" if not thumb else (f"{w}x{h} = {w * h / 1e6:.0f} MP, over the {max_pixels // 1_000_000} "
+                                             "MP a thumbnail may decode; training still loads it")
+                return None, note
+            img.load()
+            if not thumb:
+                _check_size(w, h)
+                return None, ""
+            k = min(img.size) // (2 * thumb)
+            if k > 4:   # pick every n-th pixel down to ~4x the thumbnail first: every other way (a box filter,
+                # a mode conversion) copies the whole image (RGBA premultiplied, 16-bit widened)
+                img = img.resize((max(1, img.width * 4 // k), max(1, img.height * 4 // k)),
+                                 Image.Resampling.NEAREST)
+                k = min(img.size) // (2 * thumb)
+            if img.mode.startswith("I;16"):
+                img = img.convert("I")      # 16-bit greyscale cannot be reduced; to_rgb scales "I" the same way
+            if img.mode in ("1", "P", "PA"):
+                img = to_rgb(img)           # palette indices must not be averaged
+            if k > 1:
+                img = img.reduce(k)         # box average; the EXIF tag stays with it
+            img = to_rgb(ImageOps.exif_transpose(img))
+    _check_size(w, h)
+    return fit(img, thumb), ""
+
+
+def display_name(name) -> str:
+    """A file name (or path) as text that can be printed, tokenized and sent as JSON. Linux names are
+    bytes; Python keeps bytes that are not UTF-8 as lone surrogates ('caf\\udce9'), which the tokenizer,
+    a UTF-8 console and JSON refuse. They become U+FFFD here ('caf\ufffd')."""
+    name = str(name)
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:   # a surrogate that did not come from a file name's bytes
+        return name.encode("utf-8", "replace").decode("utf-8")
+
+
+def caption_file_check(path: Path) -> None:
+    """DataError when the image's caption file is too big to be a caption (MAX_CAPTION_BYTES)."""
+    side = path.with_suffix(".txt")
+    try:
+        size = side.stat().st_size if side.is_file() else 0
+    except OSError:
+        size = 0
+    if size > MAX_CAPTION_BYTES:
+        raise DataError(f"caption file {display_name(side.name)} holds {size:,} bytes; a caption may hold at most "
+                        f"{MAX_CAPTION_BYTES // 1024} KB (the text encoder reads about 75 tokens). Shorten it "
+                        "or move it away")
+
+
 def caption_for(path: Path) -> str:
+    """[filewords] of an image: its sidecar .txt (at most MAX_CAPTION_BYTES of it are read), else its name."""
     side = path.with_suffix(".txt")
     if side.is_file():
-        return " ".join(side.read_text(encoding="utf-8", errors="replace").split())
+        with open(side, "rb") as fh:
+            text = fh.read(MAX_CAPTION_BYTES).decode("utf-8", errors="replace")
+        return " ".join(text.split())
     # A1111 style: "00012-a red ball" -> "a red ball"
-    return re.sub(r"^\d+[-_ ]*", "", path.stem).replace("_", " ").strip()
+    return re.sub(r"^\d+[-_ ]*", "", display_name(path.stem)).replace("_", " ").strip()
+
+
+def _image_files(folder) -> list[Path]:
+    folder = Path(folder)
+    if not str(folder).strip() or not folder.exists():
+        raise DataError(f"data folder {display_name(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"data {display_name(folder)} is a file; give the folder that holds the images")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def _none_usable(folder, skipped: list[Skipped]) -> DataError:
+    why = f"; skipped {len(skipped)}: " + "; ".join(f"{display_name(s.path.name)}: {s.reason}"
+                                                     for s in skipped[:5]) if skipped else ""
+    return DataError(f"data folder {display_name(folder)} has no usable image ({', '.join(IMAGE_EXTS)}){why}")
 
 
 def scan_folder(folder, resolution: int) -> tuple[list[Sample], list[Skipped]]:
     """Every usable image in `folder` (not recursive), sorted by name, and the skipped ones with reasons."""
-    folder = Path(folder)
-    if not str(folder).strip() or not folder.exists():
-        raise DataError(f"data folder {str(folder)!r} does not exist")
-    if not folder.is_dir():
-        raise DataError(f"data {folder} is a file; give the folder that holds the images")
     samples, skipped = [], []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        if path.suffix.lower() not in IMAGE_EXTS:
-            continue
+    for path in _image_files(folder):
         try:
+            caption_file_check(path)
             samples.append(Sample(path, caption_for(path), open_image(path, resolution)))
         except DataError as e:
             skipped.append(Skipped(path, str(e)))
     if not samples:
-        why = f"; skipped {len(skipped)}: " + "; ".join(f"{s.path.name}: {s.reason}" for s in skipped[:5]) \
-            if skipped else ""
-        raise DataError(f"data folder {folder} has no usable image ({', '.join(IMAGE_EXTS)}){why}")
+        raise _none_usable(folder, skipped)
+    return samples, skipped
+
+
+def inspect_folder(folder, thumb: int = 96, thumbs: int = 24,
+                   max_pixels: int = PREVIEW_MAX_PIXELS) -> tuple[list[Sample], list[Skipped]]:
+    """scan_folder's usable/skipped split without loading the images (look_at_image), for the web UI:
+    the first `thumbs` usable images get a `thumb`-pixel thumbnail (or a note saying why not)."""
+    samples, skipped = [], []
+    for path in _image_files(folder):
+        try:
+            caption_file_check(path)
+            image, note = look_at_image(path, thumb if len(samples) < thumbs else None, max_pixels)
+            samples.append(Sample(path, caption_for(path), image, note))
+        except DataError as e:
+            skipped.append(Skipped(path, str(e)))
+    if not samples:
+        raise _none_usable(folder, skipped)
     return samples, skipped
 
 
@@ -148,7 +281,12 @@ def load_templates(template: str) -> list[str]:
     if not path.is_file():
         raise DataError(f"template {template!r} not found; use object, style, object_filewords, style_filewords, "
                         "filewords, name or a .txt file")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if path.stat().st_size > MAX_TEMPLATE_BYTES:
+        raise DataError(f"template file {display_name(path)} holds {path.stat().st_size:,} bytes; a template file "
+                        f"may hold at most {MAX_TEMPLATE_BYTES // 1024} KB (one prompt per line)")
+    with open(path, "rb") as fh:
+        text = fh.read(MAX_TEMPLATE_BYTES).decode("utf-8", errors="replace")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise DataError(f"template file {path} has no lines")
     return lines
