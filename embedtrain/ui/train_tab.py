@@ -130,30 +130,51 @@ def schedule_frame(ctx, values: dict) -> tuple[pd.DataFrame, str]:
 _count_cache: dict = {}
 
 
-def _count_images(folder: str) -> int:
-    """Usable images in a folder (cached on the folder's mtime: the form calls this on every keystroke)."""
-    from embedtrain.data import scan_folder
-    p = Path(folder)
+def _count_images(folder: str, ctx=None) -> int:
+    """Usable images in a folder (cached on the folder's mtime: the form calls this on every keystroke).
+
+    Counted the way the dataset box sees them (data.inspect_folder: headers and cheap checks, no image
+    decoded whole), and only in a folder the web UI may read."""
+    from embedtrain.data import inspect_folder
+    from embedtrain.ui.context import readable_folder
+    p = readable_folder(folder, ctx)
     key = (str(p), p.stat().st_mtime if p.is_dir() else None)
     if key not in _count_cache:
-        samples, _ = scan_folder(p, 64)
+        samples, _ = inspect_folder(p, thumbs=0)
+        if len(_count_cache) > 256:
+            _count_cache.clear()
         _count_cache[key] = len(samples)
     return _count_cache[key]
 
 
-def dataset_view(folder: str):
-    """(markdown, thumbnails) for a dataset folder: usable images, skipped files with reasons."""
-    from embedtrain.data import scan_folder
+def dataset_view(folder: str, ctx=None):
+    """(markdown, thumbnails) for a dataset folder: usable images, skipped files with reasons.
+
+    Runs on every keystroke of the dataset field: thumbnails come from data.inspect_folder, which decodes
+    at most PREVIEW_MAX_PIXELS per image (a larger one gets a grey placeholder and a note), and only a
+    folder the web UI may read is looked at."""
+    from PIL import Image
+
+    from embedtrain.data import display_name, inspect_folder
+    from embedtrain.ui.context import readable_folder
     try:
-        samples, skipped = scan_folder(folder, 96)
-    except EmbedtrainError as e:
-        return f"Error: {e}", []
-    p = Path(folder)
-    _count_cache[(str(p), p.stat().st_mtime)] = len(samples)  # the derived-numbers line needs no second scan
+        p = readable_folder(folder, ctx)
+        samples, skipped = inspect_folder(p, 96, thumbs=24)
+        if len(_count_cache) > 256:
+            _count_cache.clear()
+        _count_cache[(str(p), p.stat().st_mtime)] = len(samples)  # the derived-numbers line needs no second scan
+    except (EmbedtrainError, OSError) as e:
+        return f"Error: {display_name(str(e))}", []
     text = f"{len(samples)} usable images"
+    notes = [s for s in samples[:24] if s.note]
+    if notes:
+        text += "; no thumbnail for " + "; ".join(f"{display_name(s.path.name)} ({s.note})" for s in notes[:5])
     if skipped:
-        text += f"; skipped {len(skipped)}: " + "; ".join(f"{s.path.name} ({s.reason})" for s in skipped[:5])
-    return text, [(s.image, s.caption) for s in samples[:24]]
+        text += f"; skipped {len(skipped)}: " + "; ".join(f"{display_name(s.path.name)} ({s.reason})"
+                                                          for s in skipped[:5])
+    pics = [(s.image if s.image is not None else Image.new("RGB", (96, 96), (200, 200, 200)),
+             s.caption if s.image is not None else f"{s.caption} · {s.note}") for s in samples[:24]]
+    return text, pics
 
 
 # ---------------------------------------------------------------- live status
@@ -596,7 +617,7 @@ def build(ctx) -> None:
         except ValueError as e:
             return f"Error: {e}", None
         v = status_view(ctx.jobs.status(str(run)))
-        return v["run"], v["files"] or None
+        return v["run"], ctx.servable(v["files"]) or None   # no symlink out of outputs, nothing but files
 
     resume_pick.change(open_run, resume_pick, [run_dir, files], api_visibility="private")
 
