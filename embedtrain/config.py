@@ -22,9 +22,28 @@ class ConfigError(EmbedtrainError):
     """A setting is invalid; the message names it."""
 
 
-WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+# Windows reserves these device names with any extension, and counts the ISO 8859-1 superscripts
+# ¹ ² ³ as digits in COM#/LPT# (COM¹ is a device, not a file).
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"{dev}{i}" for dev in ("com", "lpt") for i in "0123456789¹²³")}
 MAX_NAME_CHARS = 64
 MAX_NAME_BYTES = 128   # name + "-20250101-120000" + ".learned_embeds.safetensors" stays under 255 bytes
+MAX_SETTINGS_FILE = 1024 * 1024   # a settings JSON (or a template file) is a few kB; larger ones are refused unread
+
+# Upper bounds no real run reaches; past them a typo costs gigabytes or an overflow, not a run.
+MAX_RESOLUTION = 4096        # SDXL trains at 1024; 4096 px latents already need tens of GB
+MAX_BATCH_SIZE = 1024
+MAX_GRAD_ACCUM = 4096
+MAX_STEPS = 10_000_000       # interval fields (val_every, save_every, lr_warmup, ...) share this bound
+MAX_REPEATS = 1000
+MAX_PREVIEW_STEPS = 1000
+MAX_VAL_TRAIN_SUBSET = 100_000
+MAX_EPOCH_IMAGES = 10_000_000  # images x repeats: the data order holds one shuffled list of them per epoch
+# The highest learning rate accepted anywhere (lr, piecewise rates, lr_min, sweep candidates, range test):
+# 2 million times the usual 5e-3, beyond any optimizer's useful range (LR-free ones take a multiplier near
+# 1, SGD on an embedding's small gradients a few hundred at most); far above it AdamW's step overflows
+# float32 (3.4e38) and torch raises instead of returning NaN.
+MAX_LR = 1e4
+SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)  # what torch.Generator.manual_seed accepts for both signs
 
 
 def check_safe_name(name, field_name: str = "name") -> str:
@@ -44,6 +63,59 @@ def check_safe_name(name, field_name: str = "name") -> str:
     if name.lower().split(".")[0] in WINDOWS_RESERVED:
         raise ConfigError(f"{field_name} {name!r} is a reserved file name on Windows; pick another")
     return name
+
+
+def default_run_name(name: str, kind: str = "", when: float | None = None) -> str:
+    """The run folder a run gets when no run_name is typed: NAME[-KIND]-YYYYmmdd-HHMMSS. The name part is
+    shortened when the whole would pass the name limits, so a name that is valid on its own always gets a
+    valid folder (the timestamp is ours, not the user's to fit)."""
+    import time
+    suffix = (f"-{kind}" if kind else "") + "-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+    head = name
+    while head and (len(head) + len(suffix) > MAX_NAME_CHARS
+                    or len((head + suffix).encode("utf-8")) > MAX_NAME_BYTES):
+        head = head[:-1]
+    if head != name:
+        head = head.rstrip(".-") or "run"
+    return head + suffix
+
+
+def read_settings(path, what: str = "config file") -> dict:
+    """A settings JSON file as a dict, or one ConfigError naming the file and what is wrong: missing, a
+    folder, unreadable, over MAX_SETTINGS_FILE, not UTF-8, not JSON (numbers past Python's int limit or
+    nesting past its recursion limit included), or not a JSON object."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{what} {path} is a folder; --config needs a settings JSON file, such as a run "
+                              "folder's config.json")
+        size = path.stat().st_size
+        if size > MAX_SETTINGS_FILE:
+            raise ConfigError(f"{what} {path} is {size / 2**20:.1f} MB; a settings JSON file is a few kB (at most "
+                              f"{MAX_SETTINGS_FILE // 2**20} MB): is it the right file?")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at position {e.start}); "
+                          "save it as UTF-8 JSON") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path} is nested too deeply to be settings; settings are one JSON object of "
+                          "plain values") from None
+    except ValueError as e:  # an integer of thousands of digits: Python's int-conversion limit
+        raise ConfigError(f"{what} {path} holds a number Python refuses to read ({' '.join(str(e).split()[:9])}"
+                          "...); settings are ordinary numbers") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a JSON object of settings")
+    return data
 
 
 def _f(default, help_, **kw):
@@ -149,17 +221,25 @@ class TrainConfig:
         self.name = check_safe_name(self.name, "name")
         self.run_name = check_safe_name(self.run_name, "run_name") if self.run_name.strip() else ""
         need(1 <= self.vectors <= 75, "vectors", "between 1 and 75")
-        need(self.repeats >= 1, "repeats", ">= 1")
-        need(self.resolution >= 8 and self.resolution % 8 == 0, "resolution", "a multiple of 8, >= 8")
+        need(1 <= self.repeats <= MAX_REPEATS, "repeats", f">= 1 and <= {MAX_REPEATS}")
+        need(8 <= self.resolution <= MAX_RESOLUTION and self.resolution % 8 == 0, "resolution",
+             f"a multiple of 8, >= 8 and <= {MAX_RESOLUTION} pixels")
         need(self.latent_sampling in LATENT_SAMPLING, "latent_sampling", f"one of {', '.join(LATENT_SAMPLING)}")
-        need(self.batch_size >= 1, "batch_size", ">= 1")
-        need(self.grad_accum >= 1, "grad_accum", ">= 1")
-        need(self.steps >= 1, "steps", ">= 1")
+        need(1 <= self.batch_size <= MAX_BATCH_SIZE, "batch_size", f">= 1 and <= {MAX_BATCH_SIZE}")
+        need(1 <= self.grad_accum <= MAX_GRAD_ACCUM, "grad_accum", f">= 1 and <= {MAX_GRAD_ACCUM}")
+        need(1 <= self.steps <= MAX_STEPS, "steps", f">= 1 and <= {MAX_STEPS}")
         need(self.step_unit in STEP_UNITS, "step_unit", f"one of {', '.join(STEP_UNITS)}")
+        need(SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], "seed", "a whole number between -2**63 and 2**63-1")
+        need(-1 <= self.preview_seed <= SEED_RANGE[1], "preview_seed", "-1 (the run's seed) or a whole number "
+             "between 0 and 2**63-1")
         if self.lr_schedule != "piecewise":
-            need(self.lr > 0, "lr", "> 0")
-        need(self.lr_min >= 0, "lr_min", ">= 0")
-        need(self.lr_warmup >= 0, "lr_warmup", ">= 0 updates")
+            need(0 < self.lr <= MAX_LR, "lr", f"> 0 and <= {MAX_LR:g}")
+        else:
+            need(self.lr <= MAX_LR, "lr", f"<= {MAX_LR:g} (piecewise takes its rates from lr_piecewise)")
+            self._check_piecewise_rates()
+        need(0 <= self.lr_min <= MAX_LR, "lr_min", f">= 0 and <= {MAX_LR:g}")
+        need(0 <= self.lr_warmup <= MAX_STEPS, "lr_warmup", f">= 0 and <= {MAX_STEPS} updates")
+        need(0 <= self.lr_step_size <= MAX_STEPS, "lr_step_size", f">= 0 (0 = derive it) and <= {MAX_STEPS} updates")
         need(self.lr_cycle_start in ("low", "high"), "lr_cycle_start", "low or high")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")
@@ -170,17 +250,34 @@ class TrainConfig:
         need(self.clip_grad_value >= 0, "clip_grad_value", ">= 0 (0 = off)")
         need(self.mixed_precision in PRECISIONS, "mixed_precision", f"one of {', '.join(PRECISIONS)}")
         need(0 <= self.val_split < 1, "val_split", "in [0, 1)")
-        for name in ("val_every", "val_train_subset", "save_every", "preview_every"):
-            need(getattr(self, name) >= 0, name, ">= 0 (0 = off)")
-        need(self.log_every >= 1, "log_every", ">= 1")
-        need(self.preview_steps >= 1, "preview_steps", ">= 1")
+        for name in ("val_every", "save_every", "preview_every"):
+            need(0 <= getattr(self, name) <= MAX_STEPS, name, f">= 0 (0 = off) and <= {MAX_STEPS} updates")
+        need(0 <= self.val_train_subset <= MAX_VAL_TRAIN_SUBSET, "val_train_subset",
+             f">= 0 (0 = off) and <= {MAX_VAL_TRAIN_SUBSET} images")
+        need(1 <= self.log_every <= MAX_STEPS, "log_every", f">= 1 and <= {MAX_STEPS} updates")
+        need(1 <= self.preview_steps <= MAX_PREVIEW_STEPS, "preview_steps", f">= 1 and <= {MAX_PREVIEW_STEPS}")
         formats = [s.strip() for s in self.save_formats.split(",") if s.strip()]
         need(formats and all(s in SAVE_FORMATS for s in formats), "save_formats",
              f"a comma list of {', '.join(SAVE_FORMATS)}")
         if self.template not in TEMPLATES and not Path(self.template).is_file():
             raise ConfigError(f"template must be one of {', '.join(TEMPLATES)} or an existing .txt file, "
                               f"got {self.template!r}")
+        if Path(self.template).is_file():   # the file the run will read (data.load_templates reads it first)
+            _check_template_file(Path(self.template))
         return self
+
+    def _check_piecewise_rates(self) -> None:
+        """Piecewise text carries its own rates: past MAX_LR they overflow the optimizer. A text that does not
+        parse is left to the schedule builder, whose errors say which part is wrong."""
+        from embedtrain.schedules import ScheduleError, parse_piecewise
+        try:
+            parts = parse_piecewise(self.lr_piecewise)
+        except ScheduleError:
+            return
+        for i, (rate, _) in enumerate(parts, start=1):
+            if rate > MAX_LR:
+                raise ConfigError(f"lr_piecewise part {i}: rate {rate:g} is above the highest accepted learning "
+                                  f"rate {MAX_LR:g}; rates must be >= 0 and <= {MAX_LR:g}")
 
     # ---------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
@@ -201,21 +298,33 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path) -> "TrainConfig":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object of settings")
-        return cls.from_dict(data)
+        return cls.from_dict(read_settings(path))
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
     def formats(self) -> list[str]:
         return [s.strip() for s in self.save_formats.split(",") if s.strip()]
+
+
+def _check_template_file(path: Path) -> None:
+    """A template file must be UTF-8 text with at least one line (checked here, so a bad file is one line
+    naming it before anything loads)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_SETTINGS_FILE:
+            raise ConfigError(f"template file {path} is {size / 2**20:.1f} MB; a template file is a few lines "
+                              f"(at most {MAX_SETTINGS_FILE // 2**20} MB)")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"template file {path} cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"template file {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at position "
+                          f"{e.start}); save it as UTF-8, one prompt per line with [name]") from None
+    if not any(line.strip() for line in text.splitlines()):
+        raise ConfigError(f"template file {path} has no lines; write one prompt per line with [name]")
 
 
 def _coerce(cls, name, value):
@@ -281,8 +390,9 @@ def config_from_args(args: argparse.Namespace, config_file: str | None = None) -
     """Config file (if any) < model preset < typed flags."""
     data: dict = {}
     if config_file:
-        data = TrainConfig.load(config_file).to_dict()
-        explicit = set(json.loads(Path(config_file).read_text(encoding="utf-8")))
+        settings = read_settings(config_file)
+        data = TrainConfig.from_dict(settings).to_dict()
+        explicit = set(settings)
     else:
         explicit = set()
     typed = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}

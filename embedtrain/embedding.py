@@ -17,7 +17,8 @@ A1111 `.pt`; diffusers-format `diffusers/NAME.safetensors` `{token: [N, dim]}` (
 Names follow the other clients: A1111, ComfyUI and kohya call an embedding by its file's stem, so every
 file we write has the name as its stem, and a renamed file is read under its new name (see load_embedding).
 Loading never unpickles anything but tensors (`torch.load(weights_only=True)`, refused on torch < 2.6),
-checks sizes and headers before reading data, and bounds decompression; writes are atomic.
+checks sizes and headers before reading data (a torch zip's central directory before any record), and
+bounds decompression; writes are atomic.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ MAX_FILE = MAX_EMBEDDING_FILE       # an embedding is kilobytes (75 x 2048 fp32 
 MAX_PNG_TEXT = 8 * 1024 * 1024      # the A1111 'sd-ti-embedding' PNG text, after decompression
 MAX_VECTORS = 75                    # CLIP's 77-token context minus BOS/EOS
 MAX_DIM = 4096                      # widest token vector accepted (SD 1.x 768, SD 2.x 1024, SDXL 1280)
+MAX_ZIP_ENTRIES = 256              # torch.save writes 7 entries + one per storage; A1111's files hold 3-4
+MAX_ZIP_DIRECTORY = 1024 * 1024    # bytes of zip central directory (an embedding's is a few hundred)
+ZIP_METHODS = {0: "stored", 8: "deflated"}  # torch writes stored records; deflate is read by torch's zip reader
+MAX_DEFLATED = 8 * 1024 * 1024     # deflated records (torch never writes them) inflate to at most this, in all
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 SAFE_TORCH = (2, 6)                 # torch < 2.6: weights_only=True can be bypassed (CVE-2025-32434)
 
@@ -222,6 +227,9 @@ def _safetensors_header(path: Path, size: int) -> dict:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise EmbeddingError(f"{path}: safetensors header is not valid JSON") from None
+    except ValueError as e:  # e.g. an integer of thousands of digits (Python's int-conversion limit)
+        raise EmbeddingError(f"{path}: safetensors header holds a value Python refuses to read "
+                             f"({_short(e)}); the file is damaged or hostile") from None
     if not isinstance(header, dict):
         raise EmbeddingError(f"{path}: safetensors header is not a JSON object")
     data_len = size - 8 - n
@@ -281,10 +289,110 @@ def _refusal_reason(e: Exception) -> str:
     return (lines[0] if lines else "content other than tensors")[:160]
 
 
+def _short(e: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_torch_zip(path, size: int | None = None, limit: int = MAX_FILE) -> None:
+    """Refuse a torch zip file (`torch.save`'s format) whose records would unpack past `limit` bytes,
+    from its central directory alone: entry count, each entry's compression method and uncompressed
+    size, their total, and that every record lies inside the file. torch's own reader inflates a
+    deflated record into memory before anything checks its size, so a 1 MB file can cost gigabytes
+    (a deflate bomb); this reads at most the directory (<= MAX_ZIP_DIRECTORY bytes) and the file's tail.
+    Non-zip files are left to the caller. Raises EmbeddingError naming the file."""
+    path = Path(path)
+    size = path.stat().st_size if size is None else size
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            return
+        tail_len = min(size, 22 + 0xFFFF)
+        fh.seek(size - tail_len)
+        tail = fh.read(tail_len)
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            raise EmbeddingError(f"{path}: not a readable torch file (a zip without its end record: truncated or damaged)")
+        eocd = size - tail_len + at
+        _, disk, cd_disk, _, count, cd_size, cd_offset, _ = struct.unpack("<4sHHHHIIH", tail[at:at + 22])
+        if count == 0xFFFF or cd_size == 0xFFFFFFFF or cd_offset == 0xFFFFFFFF:  # zip64: the real values
+            loc = tail[at - 20:at] if at >= 20 else b""
+            if len(loc) < 20 or loc[:4] != b"PK\x06\x07":
+                raise EmbeddingError(f"{path}: not a readable torch file (a zip64 end record without its locator: damaged)")
+            (rec_at,) = struct.unpack("<Q", loc[8:16])
+            if rec_at > size - 56:
+                raise EmbeddingError(f"{path}: not a readable torch file (its zip64 end record lies outside the file: damaged)")
+            fh.seek(rec_at)
+            rec = fh.read(56)
+            if rec[:4] != b"PK\x06\x06":
+                raise EmbeddingError(f"{path}: not a readable torch file (its zip64 end record is missing: damaged)")
+            count, cd_size, cd_offset = struct.unpack("<QQQ", rec[32:56])
+        if disk or cd_disk:
+            raise EmbeddingError(f"{path}: not a readable torch file (a multi-part zip archive; an embedding is one file)")
+        if count > MAX_ZIP_ENTRIES:
+            raise EmbeddingError(f"{path}: the zip inside holds {count} entries (an embedding's holds under "
+                                 f"{MAX_ZIP_ENTRIES}); refused unread")
+        if cd_size > MAX_ZIP_DIRECTORY or cd_offset + cd_size > eocd:
+            raise EmbeddingError(f"{path}: the zip directory claims {cd_size} bytes at offset {cd_offset} in a "
+                                 f"{size}-byte file; refused unread (damaged, or not an embedding)")
+        fh.seek(cd_offset)
+        cd = fh.read(cd_size)
+    total = inflated = pos = 0
+    for _ in range(count):
+        if len(cd) - pos < 46 or cd[pos:pos + 4] != b"PK\x01\x02":
+            raise EmbeddingError(f"{path}: not a readable torch file (its zip directory is damaged: an entry is cut short)")
+        method, = struct.unpack("<H", cd[pos + 10:pos + 12])
+        comp, plain, n_name, n_extra, n_comment = struct.unpack("<IIHHH", cd[pos + 20:pos + 34])
+        (offset,) = struct.unpack("<I", cd[pos + 42:pos + 46])
+        name = cd[pos + 46:pos + 46 + n_name].decode("utf-8", "replace")
+        extra = cd[pos + 46 + n_name:pos + 46 + n_name + n_extra]
+        pos += 46 + n_name + n_extra + n_comment
+        if 0xFFFFFFFF in (comp, plain, offset):  # zip64 entry: the saturated fields follow in extra 0x0001
+            plain, comp, offset = _zip64_sizes(extra, plain, comp, offset, path, name)
+        if method not in ZIP_METHODS:
+            raise EmbeddingError(f"{path}: zip entry {name!r} uses compression method {method}; torch files hold "
+                                 "stored (uncompressed) records: refused unread")
+        if method == 0 and comp != plain:
+            raise EmbeddingError(f"{path}: not a readable torch file (zip entry {name!r} is stored but claims {comp} "
+                                 f"bytes packed and {plain} unpacked: damaged)")
+        if offset + comp > cd_offset:
+            raise EmbeddingError(f"{path}: not a readable torch file (zip entry {name!r} lies outside the file's data: damaged or truncated)")
+        total += plain
+        inflated += plain if method else 0
+        if plain > limit or total > limit or inflated > MAX_DEFLATED:
+            cap = MAX_DEFLATED if inflated > MAX_DEFLATED else limit
+            packed = f", deflated from {comp / 2**20:.1f} MB" if method else ""
+            raise EmbeddingError(f"{path}: zip entry {name!r} unpacks to {plain / 2**20:.1f} MB{packed}; an "
+                                 f"embedding's {'deflated ' if cap == MAX_DEFLATED else ''}records total at most "
+                                 f"{cap // 2**20} MB (embeddings are kilobytes): refused unread (a zip bomb, or "
+                                 "not an embedding)")
+
+
+def _zip64_sizes(extra: bytes, plain: int, comp: int, offset: int, path, name) -> tuple[int, int, int]:
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, n = struct.unpack("<HH", extra[pos:pos + 4])
+        body = extra[pos + 4:pos + 4 + n]
+        pos += 4 + n
+        if tag != 1:
+            continue
+        values = [struct.unpack("<Q", body[i:i + 8])[0] for i in range(0, len(body) - 7, 8)]
+        out = []
+        for v in (plain, comp, offset):
+            if v == 0xFFFFFFFF:
+                if not values:
+                    break
+                v = values.pop(0)
+            out.append(v)
+        if len(out) == 3:
+            return out[0], out[1], out[2]
+        break
+    raise EmbeddingError(f"{path}: not a readable torch file (zip entry {name!r} lacks its zip64 sizes: damaged)")
+
+
 def _read_pickle(path: Path) -> dict:
     import pickle
     import warnings
-    _check_size(path)
+    check_torch_zip(path, _check_size(path))
     if not _torch_is_safe():
         raise EmbeddingError(f"{path}: refused: torch {torch.__version__} can run code hidden in .pt/.bin files "
                              "even when only tensors are asked for (CVE-2025-32434); upgrade to torch >= "
@@ -421,9 +529,10 @@ def load_embedding(path) -> LoadedEmbedding:
     """Read any supported embedding file; the format is recognised by its keys.
 
     Hostile or damaged files raise EmbeddingError naming the file: pickles are loaded with
-    weights_only=True (nothing but tensors and plain data), safetensors headers are checked before
-    any data is read, PNG chunks and their decompression are bounded, and files over MAX_FILE are
-    refused unread.
+    weights_only=True (nothing but tensors and plain data) after their zip directory is checked
+    (check_torch_zip: no deflate bombs), safetensors headers are checked before any data is read, PNG
+    chunks and their decompression are bounded, and files over MAX_FILE are refused unread. Whatever
+    else a crafted file trips on is an EmbeddingError naming the file too, never a traceback.
 
     The name is the one AUTOMATIC1111, ComfyUI and kohya give it: the file's stem (a renamed
     `mystar.pt` saved as `purplestar` is `mystar`, with `saved_name` 'purplestar'), except for A1111
@@ -435,7 +544,17 @@ def load_embedding(path) -> LoadedEmbedding:
     if not path.is_file():
         raise EmbeddingError(f"embedding file {path} does not exist")
     stem = path.stem.removesuffix(".learned_embeds")  # the diffusers-format name older runs wrote
-    loaded = _load_any(path, stem)  # named as the file says inside (the stem when it does not)
+    try:
+        loaded = _load_any(path, stem)  # named as the file says inside (the stem when it does not)
+    except EmbeddingError:
+        raise
+    except OSError as e:
+        raise EmbeddingError(f"{path}: cannot read the file ({e.strerror or _short(e)})") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError,
+            struct.error, MemoryError) as e:
+        # whatever a damaged or crafted file trips on (a 5000-digit integer, deep nesting, odd types):
+        # one line naming the file, never a traceback
+        raise EmbeddingError(f"{path}: not a usable embedding file ({_short(e)})") from None
     if loaded.format != "a1111-png" and not (loaded.format == "diffusers" and stem == "learned_embeds"):
         loaded.name, loaded.saved_name = stem, loaded.name
     loaded.name = _safe_name(loaded.name) or _safe_name(loaded.saved_name) or stem

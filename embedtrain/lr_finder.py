@@ -31,7 +31,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from embedtrain import EmbedtrainError
-from embedtrain.config import ConfigError, TrainConfig, add_arguments, config_from_args
+from embedtrain.config import MAX_LR, ConfigError, TrainConfig, add_arguments, config_from_args, read_settings
 
 RAMPS = ("linear", "exponential")
 FALL_FRACTION = 0.10   # the loss "starts to fall" once 10% of its total fall is done
@@ -323,8 +323,8 @@ def parse_candidates(text: str) -> list[float]:
             v = float(p)
         except ValueError:
             raise ConfigError(f"candidates: {p!r} is not a number; give LRs such as '5e-4, 1.6e-3, 5e-3'") from None
-        if not (math.isfinite(v) and v > 0):
-            raise ConfigError(f"candidates: every LR must be a finite number > 0, got {p}")
+        if not (math.isfinite(v) and 0 < v <= MAX_LR):
+            raise ConfigError(f"candidates: every LR must be a number > 0 and <= {MAX_LR:g}, got {p}")
         out.append(v)
     if len(set(out)) != len(out):
         raise ConfigError(f"candidates: {text!r} lists an LR twice")
@@ -382,8 +382,9 @@ def ramp_settings(lr, ramp="linear", start_lr=None, end_lr=None, updates=60, val
         raise ConfigError(f"updates must be a whole number >= 5 (the ramp's length in weight updates), got {updates!r}")
     end_lr = 10 * lr if end_lr is None else float(end_lr)
     start_lr = (0.0 if ramp == "linear" else end_lr / 1000) if start_lr is None else float(start_lr)
-    if not (math.isfinite(end_lr) and end_lr > 0):
-        raise ConfigError(f"end_lr must be a number > 0, got {end_lr!r}")
+    if not (math.isfinite(end_lr) and 0 < end_lr <= MAX_LR):
+        raise ConfigError(f"end_lr must be a number > 0 and <= {MAX_LR:g} (the highest learning rate accepted), "
+                          f"got {end_lr!r}")
     if not (math.isfinite(start_lr) and 0 <= start_lr < end_lr) or (ramp == "exponential" and start_lr <= 0):
         raise ConfigError(f"start_lr must be >= 0 (> 0 for an exponential ramp) and below end_lr {end_lr:g}, "
                           f"got {start_lr!r}")
@@ -429,6 +430,9 @@ def range_test(cfg: TrainConfig, out_dir, *, ramp: str = "linear", start_lr: flo
         if ev.get("event") == "update" and ev.get(column) not in ("", None):
             v = float(ev[column])
             log(f"  update {ev['update']:>4}  lr {ev['lr']:.3g}  {column} {v:.5f}")
+            if not math.isfinite(v):   # the curve ends here: nothing after a NaN can be read
+                points["diverged"] = True
+                return
             points["best"] = min(points["best"], v)
             # Far past the minimum the rest of the ramp says nothing new: stop and save the time.
             gap = max(start_loss - points["best"], 0.01 * abs(start_loss))
@@ -438,17 +442,20 @@ def range_test(cfg: TrainConfig, out_dir, *, ramp: str = "linear", start_lr: flo
     result = trainer.run(out_dir / "range", on_event=on_event, schedule=schedule,
                          stop=lambda: points["diverged"] or bool(stop and stop()))
     (out_dir / "range" / "resume.pt").unlink(missing_ok=True)  # a ramp is not worth resuming
-    rows = _read_log(out_dir / "range" / "log.csv")
+    rows, cut = finite_rows(_read_log(out_dir / "range" / "log.csv"), column)
     meas = [(0, start_lr, start_loss)] + [(int(r["update"]), float(r["lr"]), float(r[column])) for r in rows
                                           if r.get(column) not in ("", None)]
     lrs = [m[1] for m in meas]
     losses = [m[2] for m in meas]
     sug = suggest_range(lrs, losses)
+    if cut is not None:
+        sug["reasons"].append(f"the loss became non-finite at update {cut['update']} (LR {float(cut['lr']):.3g}): "
+                              "the curve ends before it; a lower end LR reads the rest")
     if result.status == "failed":
         sug["reasons"].append(f"the ramp stopped early: {result.message}")
     if result.status == "stopped" and not points["diverged"]:
         sug["reasons"].append(f"stopped at update {result.updates} of {updates}: read from the part that ran")
-    if points["diverged"]:
+    if points["diverged"] and cut is None:
         sug["reasons"].append(f"the ramp stopped at update {result.updates}: the loss had risen far above its "
                               "minimum, so higher LRs would say nothing new")
     warnings = _merged_warnings(trainer)
@@ -466,6 +473,23 @@ def range_test(cfg: TrainConfig, out_dir, *, ramp: str = "linear", start_lr: flo
     }
     _write_range_files(out_dir, rows, column, meas, sug, report)
     return report
+
+
+def finite_rows(rows: list[dict], column: str) -> tuple[list[dict], dict | None]:
+    """The log rows before the first one whose training loss or `column` is not a finite number (an LR
+    high enough to overflow: past it the curve says nothing), and that row (None when all are finite)."""
+    for i, r in enumerate(rows):
+        for key in ("loss", column):
+            value = r.get(key)
+            if value in ("", None) and key == column:
+                continue
+            try:
+                ok = math.isfinite(float(value))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                return rows[:i], r
+    return rows, None
 
 
 def _read_log(path: Path) -> list[dict]:
@@ -540,8 +564,8 @@ def sweep(cfg: TrainConfig, out_dir, *, candidates=None, epochs: float = 8, val_
     from embedtrain.trainer import Trainer
 
     candidates = sorted(float(c) for c in (candidates or default_candidates(cfg.lr)))
-    if not all(math.isfinite(c) and c > 0 for c in candidates) or len(set(candidates)) != len(candidates):
-        raise ConfigError(f"candidates must be different LRs, each a finite number > 0, got {candidates}")
+    if not all(math.isfinite(c) and 0 < c <= MAX_LR for c in candidates) or len(set(candidates)) != len(candidates):
+        raise ConfigError(f"candidates must be different LRs, each a number > 0 and <= {MAX_LR:g}, got {candidates}")
     if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
         raise ConfigError(f"epochs must be a number > 0 (the length of each candidate run), got {epochs!r}")
     out_dir = Path(out_dir)
@@ -575,12 +599,17 @@ def sweep(cfg: TrainConfig, out_dir, *, candidates=None, epochs: float = 8, val_
         result = trainer.run(run_dir, stop=stop)
         (run_dir / "resume.pt").unlink(missing_ok=True)
         times.append(time.perf_counter() - t)
-        rows = _read_log(run_dir / "log.csv")
+        rows, cut = finite_rows(_read_log(run_dir / "log.csv"), column)
         pts = [(0, start_loss)] + [(int(r["update"]), float(r[column])) for r in rows if r.get(column) not in ("", None)]
-        c = classify_curve([p[0] for p in pts], [p[1] for p in pts])
+        # a run that failed before its first measurement has only the start point: read it as flat
+        curve = pts if len(pts) >= 2 else pts + [(pts[0][0] + 1, pts[0][1])]
+        c = classify_curve([p[0] for p in curve], [p[1] for p in curve])
         c["sentence"] = describe_curve(lr, c)
         if result.status == "stopped":
             c["note"] = f" (stopped at update {result.updates} of {updates})"
+        if cut is not None and result.status != "failed":
+            c.update(verdict="no_learning", rises=True, failed=True,
+                     sentence=f"LR {lr:.3g}: does not learn: the loss became non-finite at update {cut['update']}")
         if result.status == "failed":
             c.update(verdict="no_learning", rises=True, failed=True,
                      sentence=f"LR {lr:.3g}: does not learn: {result.message}")
@@ -684,7 +713,7 @@ def prepare(command: str, argv) -> tuple[TrainConfig, argparse.Namespace, list[s
     args = parser(command).parse_args(argv)
     typed = {f.name for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.config:
-        typed |= set(json.loads(Path(args.config).read_text(encoding="utf-8")))
+        typed |= set(read_settings(args.config))
     cfg = config_from_args(args, args.config)
     notes = []
     if "steps" in typed or "step_unit" in typed:
@@ -698,10 +727,11 @@ def prepare(command: str, argv) -> tuple[TrainConfig, argparse.Namespace, list[s
     else:
         ramp_settings(cfg.lr, args.ramp, args.start_lr, args.end_lr, args.updates, getattr(args, "val_every", None))
     kind = "lrfind" if command == "lr-find" else "sweep"
-    from embedtrain.embedding import check_name
-    name = cfg.run_name or f"{cfg.name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_name(name)
-    return cfg, args, notes + more, Path(cfg.out) / name
+    from embedtrain.config import check_safe_name, default_run_name
+    from embedtrain.trainer import refuse_existing_run
+    out_dir = Path(cfg.out) / check_safe_name(cfg.run_name or default_run_name(cfg.name, kind), "run_name")
+    refuse_existing_run(out_dir, resumable=False)  # its curves and run folders would mix with the new ones
+    return cfg, args, notes + more, out_dir
 
 
 def _stop_control(out_dir: Path):
@@ -745,6 +775,9 @@ def _run(command: str, argv) -> int:
             restore()
     except EmbedtrainError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only or vanished folder while writing the curves or run folders
+        print(f"error: cannot write {e.filename or 'the results'}: {e.strerror or e}", file=sys.stderr)
         return 2
     for w in report["warnings"]:
         print(f"warning: {w}")

@@ -77,6 +77,11 @@ class Trainer:
         else:
             self.train_samples, self.val_samples = data.split(samples, cfg.val_split, cfg.seed)
         self.images = len(self.train_samples) * cfg.repeats  # DESIGN.md: images after split, with repeats
+        from embedtrain.config import MAX_EPOCH_IMAGES
+        if self.images > MAX_EPOCH_IMAGES:
+            raise ConfigError(f"repeats: {len(self.train_samples)} images x {cfg.repeats} repeats = {self.images} "
+                              f"images per epoch, over the {MAX_EPOCH_IMAGES} the data order can hold; lower "
+                              "repeats")
         self.plan = self._plan()
         self.templates = data.load_templates(cfg.template)
         self.stream = data.Stream(self.images, cfg.seed)
@@ -430,11 +435,23 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_([vectors], cfg.max_grad_norm)
             if cfg.clip_grad_value > 0:
                 torch.nn.utils.clip_grad_value_([vectors], cfg.clip_grad_value)
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)
-                scaler.update()
+            try:
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)
+                    scaler.update()
+            except (RuntimeError, OverflowError, ValueError) as e:
+                # e.g. AdamW at LR >= ~3.4e38: "value cannot be converted to type float without overflow".
+                # The step may have half-run: the vectors go back to the last good ones, as for a NaN.
+                with torch.no_grad():
+                    vectors.copy_(good)
+                status, message = "failed", (f"weight update {update + 1} failed in the optimizer step at LR "
+                                             f"{schedule(update):.3g} ({_step_error(e)}); stopped and kept the last "
+                                             f"good embedding (from update {update}). Lower the LR.")
+                batch -= cfg.grad_accum  # so the saved metadata matches the kept vectors
+                optimizer.zero_grad(set_to_none=True)
+                break
             optimizer.zero_grad(set_to_none=True)
             overflows_at_update = overflows
             if not torch.isfinite(vectors).all():  # a step can overflow even from a finite gradient
@@ -525,27 +542,88 @@ class Trainer:
             torch.save(state, tmp)
 
     def _load_resume(self, run_dir: Path, optimizer) -> tuple[int, int]:
+        """Vectors and optimizer state from resume.pt. The file is checked before it is read (size, zip
+        directory: no deflate bombs) and its contents before they are used (types, shapes, finite values,
+        counts), so a damaged or crafted state is one ConfigError naming it, never a traceback."""
         import torch
+
+        from embedtrain.embedding import MAX_FILE, EmbeddingError, check_torch_zip
         path = run_dir / "resume.pt"
         if not path.is_file():
             raise ConfigError(f"resume: {run_dir} has no resume.pt (the run finished, or never saved a state)")
+        bad = f"resume: {path} is damaged or not an embedtrain resume state"
+        again = "resume from an earlier copy or start a new run"
         try:
+            size = path.stat().st_size
+            if size > MAX_FILE:
+                raise ConfigError(f"{bad} ({size / 2**20:.0f} MB; a resume state is at most a few MB); {again}")
+            check_torch_zip(path, size)
             state = torch.load(path, map_location="cpu", weights_only=True)
-            state["vectors"], state["optimizer"], int(state["update"]), int(state["batch"])
+        except ConfigError:
+            raise
+        except EmbeddingError as e:
+            raise ConfigError(f"{bad} ({str(e).removeprefix(f'{path}: ')}); {again}") from None
         except Exception as e:  # noqa: BLE001  (weights_only: nothing but tensors was unpickled)
-            raise ConfigError(f"resume: {path} is damaged or not an embedtrain resume state "
-                              f"({type(e).__name__}); resume from an earlier copy or start a new run") from None
+            raise ConfigError(f"{bad} ({type(e).__name__}); {again}") from None
+        update, batch, vectors, opt_state = self._check_resume_state(state, bad, again)
         with torch.no_grad():
-            self.token.vectors.copy_(state["vectors"].to(self.device))
-        optimizer.load_state_dict(state["optimizer"])
-        if state["update"] > self.plan.weight_updates:
-            raise ConfigError(f"resume: the run already made {state['update']} updates, more than steps allows "
+            self.token.vectors.copy_(vectors.to(self.device))
+        try:
+            optimizer.load_state_dict(opt_state)
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+            raise ConfigError(f"{bad} (its optimizer state does not fit the {self.cfg.optimizer} optimizer: "
+                              f"{_step_error(e)[:100]}); {again}") from None
+        if update > self.plan.weight_updates:
+            raise ConfigError(f"resume: the run already made {update} updates, more than steps allows "
                               f"({self.plan.weight_updates}); raise --steps")
-        return int(state["update"]), int(state["batch"])
+        return update, batch
+
+    def _check_resume_state(self, state, bad: str, again: str):
+        """(update, batch, vectors, optimizer state) of a loaded resume.pt, each checked."""
+        import torch
+
+        def need(ok, what):
+            if not ok:
+                raise ConfigError(f"{bad} ({what}); {again}")
+
+        need(isinstance(state, dict), f"it holds a {type(state).__name__}, not a dict")
+        missing = [k for k in ("update", "batch", "vectors", "optimizer") if k not in state]
+        need(not missing, f"missing {', '.join(missing)}")
+        update, batch, vectors, opt = state["update"], state["batch"], state["vectors"], state["optimizer"]
+        whole = all(isinstance(x, int) and not isinstance(x, bool) for x in (update, batch))
+        # every update took GA batches (fp16 overflow retries take more)
+        need(whole and 0 <= update and update * self.cfg.grad_accum <= batch < 2 ** 62,
+             f"update {str(update)[:20]} and batch {str(batch)[:20]} are not the counts of a run with GA "
+             f"{self.cfg.grad_accum}")
+        want = tuple(self.token.vectors.shape)
+        need(isinstance(vectors, torch.Tensor) and vectors.is_floating_point(),
+             f"vectors is a {type(vectors).__name__}, not a floating-point tensor")
+        need(tuple(vectors.shape) == want, f"vectors have shape {tuple(vectors.shape)}, this run's have {want}")
+        need(bool(torch.isfinite(vectors).all()), "vectors hold NaN or infinite values")
+        need(isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+             and len(opt["param_groups"]) == 1 and isinstance(opt["param_groups"][0], dict),
+             "its optimizer state lacks 'state' and one entry of 'param_groups'")
+        for key, entry in opt["state"].items():
+            need(isinstance(entry, dict), f"optimizer state {str(key)[:20]!r} is not a dict")
+            for name, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.ndim > 0:
+                    need(tuple(value.shape) == want, f"optimizer state {str(name)[:20]!r} has shape "
+                                                     f"{tuple(value.shape)}, the vectors' is {want}")
+                    need(not value.is_floating_point() or bool(torch.isfinite(value).all()),
+                         f"optimizer state {str(name)[:20]!r} holds NaN or infinite values")
+        return update, batch, vectors, opt
 
 
 def _r(x):
     return "" if x is None else round(x, 6)
+
+
+def _step_error(e: BaseException) -> str:
+    """The first line of an optimizer's error, in words a user can act on."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if "overflow" in text:
+        return "the step overflowed float32: " + text[:120]
+    return text[:160]
 
 
 def _agree(flag: bool, world: int) -> bool:
@@ -583,21 +661,36 @@ def _progress(total: int, start: int, enabled: bool):
 
 
 class _CsvLog:
-    """log.csv, one row per logged update. On resume, rows after the resume point are dropped."""
+    """log.csv, one row per logged update. On resume, rows after the resume point are dropped.
+
+    That rewrite is atomic (a temp file, then a rename), so a kill or a full disk in the middle of it
+    leaves the old log whole; rows are streamed, never all held in memory. Rows a kill cut short (a last
+    line with missing fields) are dropped with the rest of what comes after the resume point."""
 
     def __init__(self, path: Path, enabled: bool, keep_until: int | None):
         self.fh = None
         if not enabled:
             return
-        rows = []
-        if keep_until is not None and path.exists():
-            with open(path, newline="", encoding="utf-8") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["update"]) <= keep_until]
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(path, "w", newline="", encoding="utf-8")
-        self.writer = csv.DictWriter(self.fh, fieldnames=LOG_COLUMNS)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
+        if keep_until is not None and path.exists():
+            from embedtrain.fileio import atomic_path
+            with atomic_path(path) as tmp, open(path, newline="", encoding="utf-8", errors="replace") as old, \
+                    open(tmp, "w", newline="", encoding="utf-8") as new:
+                writer = csv.DictWriter(new, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                last = 0
+                for row in csv.DictReader(old):
+                    update = _row_update(row)
+                    if update is None or update <= last or update > keep_until:
+                        continue
+                    writer.writerow(row)
+                    last = update
+            self.fh = open(path, "a", newline="", encoding="utf-8")
+            self.writer = csv.DictWriter(self.fh, fieldnames=LOG_COLUMNS)
+        else:
+            self.fh = open(path, "w", newline="", encoding="utf-8")
+            self.writer = csv.DictWriter(self.fh, fieldnames=LOG_COLUMNS)
+            self.writer.writeheader()
         self.fh.flush()
 
     def write(self, row: dict) -> None:
@@ -608,6 +701,16 @@ class _CsvLog:
     def close(self) -> None:
         if self.fh:
             self.fh.close()
+
+
+def _row_update(row: dict) -> int | None:
+    """A log row's update, or None for a row that is not whole (cut by a kill, or damaged)."""
+    if None in row or any(v is None for v in row.values()):  # too many fields, or too few (cut short)
+        return None
+    try:
+        return int(row["update"])
+    except (TypeError, ValueError):
+        return None
 
 
 class _EventSink:
@@ -634,10 +737,36 @@ class _EventSink:
 
 # ---------------------------------------------------------------------- entry points
 def new_run_dir(cfg: TrainConfig) -> Path:
-    name = cfg.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from embedtrain.embedding import check_name
-    check_name(name)  # the run folder name must be as safe as an embedding name
-    return Path(cfg.out) / name
+    """The folder a new run writes: out/run_name, or out/NAME-YYYYmmdd-HHMMSS (the name part shortened to
+    fit the name limits when no run_name is given)."""
+    from embedtrain.config import check_safe_name, default_run_name
+    name = cfg.run_name or default_run_name(cfg.name)
+    return Path(cfg.out) / check_safe_name(name, "run_name")  # as safe as an embedding name
+
+
+# What the web UI puts into a run folder before it starts the process that trains into it.
+LAUNCH_FILES = ("job.json", "job.log", "STOP")
+
+
+def refuse_existing_run(run_dir: Path, flag: str = "--run-name", resumable: bool = True) -> None:
+    """A new run never writes into a folder that already holds files of its own (an earlier run's embedding,
+    log, config or snapshots would be overwritten or mixed with the new ones): one ConfigError saying what
+    to do instead. An empty folder, or one holding only what the web UI writes before launching, is fine."""
+    try:
+        held = sorted(p.name for p in run_dir.iterdir() if p.name not in LAUNCH_FILES)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError:
+        return   # unreadable: _check_writable says so
+    if not held:
+        return
+    shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+    way_back = ""
+    if resumable:
+        way_back = (f", or continue that run with --resume {run_dir}" if (run_dir / "resume.pt").is_file() else
+                    f"; --resume {run_dir} continues a stopped run, but this one has no resume.pt (it finished)")
+    raise ConfigError(f"run_name: the run folder {run_dir} already exists and holds {shown}; a new run would "
+                      f"overwrite or mix with its files: choose another {flag}{way_back}")
 
 
 def _same_on_every_rank(run_dir: Path, device: str) -> Path:
@@ -651,8 +780,12 @@ def _same_on_every_rank(run_dir: Path, device: str) -> Path:
 
 def train(cfg: TrainConfig, run_dir=None, on_event=None, resume: bool = False, stop=None, log=print) -> RunResult:
     """Train one embedding from a config; the programmatic twin of `python -m embedtrain train`."""
+    if run_dir is None:
+        run_dir = new_run_dir(cfg.validate())
+        if not resume:
+            refuse_existing_run(run_dir)   # two runs of one name started in the same second
     trainer = Trainer(cfg, log=log)
-    return trainer.run(run_dir or new_run_dir(cfg), on_event=on_event, resume=resume, stop=stop)
+    return trainer.run(run_dir, on_event=on_event, resume=resume, stop=stop)
 
 
 def _check_writable(folder: Path) -> None:
@@ -696,6 +829,8 @@ def cli(argv) -> int:
             run_dir = new_run_dir(cfg.validate())
             if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not cfg.run_name:
                 run_dir = _same_on_every_rank(run_dir, cfg.device)  # ranks may start in different seconds
+            if main:
+                refuse_existing_run(run_dir)
         signal.signal(signal.SIGINT, on_sigint)
         signal.signal(signal.SIGTERM, on_sigint)
         stop_file = run_dir / "STOP"

@@ -327,7 +327,7 @@ def test_cli_takes_the_train_flags_and_refuses_bad_ones(images, tmp_path, capsys
     from embedtrain.__main__ import main
     for argv, says in ((["lr-find", *common, "--updates", "3"], "updates must be a whole number >= 5"),
                        (["sweep", *common, "--candidates", "1e-3,abc"], "'abc' is not a number"),
-                       (["sweep", *common, "--batch-size", "0"], "batch_size must be >= 1, got 0"),
+                       (["sweep", *common, "--batch-size", "0"], "batch_size must be >= 1 and <= 1024, got 0"),
                        (["lr-find", *common, "--ramp", "exponential", "--start-lr", "0"], "start_lr must be")):
         assert main(argv) == 2, argv
         assert says in capsys.readouterr().err
