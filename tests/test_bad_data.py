@@ -255,3 +255,178 @@ def test_the_run_goes_on_and_logs_each_skipped_file(tiny_cfg, tmp_path):
     assert "Images = 5 x 1 repeats = 5" in start["summary"] and f"skipped: {len(expected)}" in start["summary"]
     printed = "\n".join(lines)  # the console / job.log names each file too, not just a count
     assert all(name in printed for name in expected), printed
+
+
+# ---------------------------------------------------------------- the web UI only looks (Hardening II)
+def png16_grey(path: Path, width: int, height: int) -> Path:
+    """A 16-bit greyscale PNG of mid grey, compressed row by row (64 MP in ~140 KB, never in memory)."""
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    z = zlib.compressobj(9)
+    row = b"\0" + b"\x80\x00" * width
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+MEASURE = r"""
+import json, resource, sys, threading
+from pathlib import Path
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+import numpy, PIL.Image, PIL.PngImagePlugin
+from embedtrain.ui import train_tab
+folder = sys.argv[1]
+base = peak_mb()
+count = train_tab._count_images(folder)
+after_count = peak_mb()
+text, pics = train_tab.dataset_view(folder)
+after_view = peak_mb()
+threads = [threading.Thread(target=train_tab.dataset_view, args=(folder,)) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps({"count": count, "text": text, "sizes": [list(p[0].size) for p in pics],
+                  "captions": [p[1] for p in pics], "count_mb": after_count - base, "view_mb": after_view - base,
+                  "four_views_mb": peak_mb() - base}))
+"""
+
+
+def test_dataset_box_never_decodes_a_64_megapixel_png(tmp_path):
+    """The dataset box (every keystroke) and the image count took the web server from 186 MB to 1.9 GB
+    for one 140 KB 16-bit PNG of 8000x8000, four parallel calls to 6.4 GB. Now they read its header (and
+    its chunk checksums), show a placeholder and a note, and count it: the trainer still loads it."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    folder = tmp_path / "data"
+    folder.mkdir()
+    png16_grey(folder / "huge.png", 8000, 8000)
+    Image.new("RGB", (64, 64), RED).save(folder / "small.png")
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(folder)], capture_output=True, text=True, timeout=300,
+                         cwd=str(ROOT), env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # Before: count 1712 MB, view 1713 MB, four views 6449 MB above the imports; now 2-3 MB.
+    assert got["count_mb"] < 100 and got["view_mb"] < 100 and got["four_views_mb"] < 150, got
+    assert got["count"] == 2 and got["text"].startswith("2 usable images"), got["text"]
+    assert "huge.png" in got["text"] and "64 MP" in got["text"] and "16 MP" in got["text"], got["text"]
+    assert got["sizes"] == [[96, 96], [96, 96]]          # a grey placeholder, and the real thumbnail
+    assert "64 MP" in got["captions"][0] and got["captions"][1] == "small"
+
+
+def test_the_dataset_box_skips_what_the_trainer_skips(tmp_path):
+    """inspect_folder (the web UI: headers, checksums, reduced decoding) and scan_folder (the trainer:
+    every image decoded) agree on which images are usable and why the others are not."""
+    from embedtrain.data import inspect_folder
+    expected = make_bad_folder(tmp_path / "data")
+    trained, skipped = scan_folder(tmp_path / "data", RES)
+    for thumbs in (24, 2, 0):
+        seen, refused = inspect_folder(tmp_path / "data", 48, thumbs=thumbs)
+        assert [s.path.name for s in seen] == [s.path.name for s in trained]
+        reasons = {s.path.name: s.reason for s in refused}
+        assert set(reasons) == set(expected), reasons
+        assert all(words in reasons[name] for name, words in expected.items()), reasons
+        assert [s.image is not None for s in seen] == [i < thumbs for i in range(len(seen))]
+        assert all(s.image.size == (48, 48) and s.image.mode == "RGB" for s in seen[:thumbs])
+
+
+def test_thumbnails_show_what_training_sees(tmp_path):
+    """Thumbnails are decoded small (JPEG draft, subsampling, box reduction) but must still apply EXIF
+    orientation, composite transparency on white and scale 16 bits like the trainer's open_image."""
+    from embedtrain.data import look_at_image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    big = np.kron(quadrants(4), np.ones((500, 750, 1), np.uint8))      # 2000 x 3000 quadrants
+    Image.fromarray(big).save(tmp_path / "rot6.jpg", quality=92, exif=exif.tobytes())
+    Image.fromarray(big).save(tmp_path / "rot6.png", exif=exif.tobytes())
+    a = np.zeros((1200, 1200, 4), np.uint8)
+    a[:, :600] = (255, 0, 0, 255)
+    a[:, 600:] = (0, 0, 255, 0)                                         # transparent: white
+    Image.fromarray(a, "RGBA").save(tmp_path / "rgba.png")
+    p = Image.new("P", (1200, 1200), 0)
+    p.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    p.paste(1, (600, 0, 1200, 1200))
+    p.save(tmp_path / "p.png", transparency=1)
+    g = np.zeros((1200, 1200), np.uint16)
+    g[:, :600], g[:, 600:] = 200, 65535
+    Image.fromarray(g).save(tmp_path / "g16.png")
+    png16(tmp_path / "rgba16.png", 900, 900, 6, (0, 0, 65535, 0))
+    Image.new("CMYK", (900, 900), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    for name in ("rot6.jpg", "rot6.png", "rgba.png", "p.png", "g16.png", "rgba16.png", "cmyk.jpg"):
+        thumb, note = look_at_image(tmp_path / name, RES)
+        assert note == "" and thumb.size == (RES, RES) and thumb.mode == "RGB"
+        want = quadrant_colours(rgb(tmp_path / name))
+        got = quadrant_colours(np.asarray(thumb, dtype=np.int16))
+        assert all(close(g_, w_, 24) for g_, w_ in zip(got, want)), (name, got, want)
+    # Over the pixel budget nothing is decoded: no thumbnail, a note, and the header's checks still hold.
+    thumb, note = look_at_image(tmp_path / "rgba.png", RES, max_pixels=1_000_000)
+    assert thumb is None and "1200x1200" in note and "1 MP" in note
+
+
+def test_a_huge_caption_file_is_never_read_and_its_image_is_skipped(tmp_path):
+    """A 100 MB caption .txt took a 2-update run to 10.4 GB. A caption is at most 64 KB (CLIP reads ~75
+    tokens): a bigger file is not a caption, so its image is skipped with the reason (visible in the
+    dataset box and the run log) rather than trained on with a piece of whatever the file holds."""
+    import tracemalloc
+    from conftest import make_images
+    from embedtrain.data import caption_for
+    limit = 64 * 1024
+    folder = make_images(tmp_path / "data", 3)
+    with open(folder / "img01.txt", "r+b") as fh:
+        fh.truncate(100_000_000)                                         # sparse: 100 MB, no disk used
+    (folder / "img02.txt").write_text("tag, " * (60_000 // 5))           # 60 KB: a long caption, kept whole
+    tracemalloc.start()
+    try:
+        text = caption_for(folder / "img01.png")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * limit + 100_000 and text.startswith("on a red background"), peak
+    assert len(caption_for(folder / "img02.png")) > 50_000
+    from embedtrain.data import inspect_folder
+    for samples, skipped in (scan_folder(folder, RES), inspect_folder(folder, RES)):
+        assert [s.path.name for s in samples] == ["img00.png", "img02.png"]
+        assert [s.path.name for s in skipped] == ["img01.png"]
+        assert "img01.txt" in skipped[0].reason and "100,000,000 bytes" in skipped[0].reason \
+            and "64 KB" in skipped[0].reason, skipped[0].reason
+
+
+def test_a_template_file_is_bounded_too(tmp_path):
+    from embedtrain.data import load_templates
+    big = tmp_path / "t.txt"
+    big.write_text("a photo of [name]\n")
+    with open(big, "r+b") as fh:
+        fh.truncate(50_000_000)
+    with pytest.raises(DataError, match="at most 256 KB"):
+        load_templates(str(big))
+
+
+def test_a_file_name_that_is_not_utf8_trains(tiny_cfg, tmp_path):
+    """b'caf\\xe9 purple star.png' (Latin-1 bytes, legal on Linux) with no caption file: the caption comes
+    from the name, which Python holds with a lone surrogate; the tokenizer raised TypeError and ended
+    the run. The name now reads 'caf\\ufffd purple star' everywhere (caption, messages, dataset box)."""
+    import os
+    from conftest import make_images
+    from embedtrain.data import caption_for
+    from embedtrain.trainer import Trainer
+    from embedtrain.ui.train_tab import dataset_view
+    folder = make_images(tmp_path / "latin1", 3, captions=False)
+    name = os.fsdecode(b"caf\xe9 purple star.png")
+    try:
+        Image.new("RGB", (48, 48), BLUE).save(folder / name)
+        (folder / os.fsdecode(b"broken \xff.png")).write_bytes(b"not an image")
+    except (UnicodeEncodeError, OSError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    lines = []
+    trainer = Trainer(tiny_cfg.replace(data=str(folder), steps=2, batch_size=2, template="object_filewords",
+                                       val_split=0), log=lines.append)
+    result = trainer.run(tmp_path / "run")
+    assert result.status == "finished" and result.updates == 2, result.message
+    assert any(s.caption == "caf\ufffd purple star" for s in trainer.train_samples)
+    assert caption_for(folder / name) == "caf\ufffd purple star"
+    text, pics = dataset_view(str(folder))
+    json.dumps([text, [c for _, c in pics]], ensure_ascii=False).encode("utf-8")   # what Gradio must send
+    assert "caf\ufffd purple star" in [c for _, c in pics] and "broken \ufffd.png" in text
