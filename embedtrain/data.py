@@ -4,7 +4,7 @@ Image hygiene: EXIF orientation applied; RGBA/LA/P-with-transparency composited 
 16-bit and grayscale converted; truncated or unreadable files skipped with a reason for the run log.
 The trainer decodes every image (scan_folder); the web UI only looks (inspect_folder): the same
 usable/skipped split from headers and cheap checks, and thumbnails decoded within a pixel budget.
-Sampling (DESIGN.md): an endless stream of per-epoch shuffles, seeded; batches may straddle an epoch
+Sampling: an endless stream of per-epoch shuffles, seeded; batches may straddle an epoch
 boundary and no image is ever dropped, so the calculator's formulas are exact.
 """
 
