@@ -78,6 +78,8 @@ class UIContext:
         self.outputs = Path(self.outputs).resolve()
         if self.jobs is None:
             self.jobs = JobManager(self.outputs)
+        if hasattr(self.jobs, "allowed_folder"):   # a JobManager that checks the job's data folder: this rule
+            self.jobs.allowed_folder = self.allowed_folder
 
     # ------------------------------------------------------------ what the web UI may read
     def allowed_roots(self) -> list[Path]:
