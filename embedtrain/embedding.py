@@ -541,6 +541,8 @@ def load_embedding(path) -> LoadedEmbedding:
     A name must be safe (it may end up in file names and prompts): an unsafe stem gives way to a safe
     inner name, an unsafe inner name to the stem."""
     path = Path(path)
+    if path.is_dir():
+        raise EmbeddingError(f"embedding {path} is a folder; give the embedding file inside it")
     if not path.is_file():
         raise EmbeddingError(f"embedding file {path} does not exist")
     stem = path.stem.removesuffix(".learned_embeds")  # the diffusers-format name older runs wrote

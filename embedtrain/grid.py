@@ -835,9 +835,13 @@ def cli_grid(argv=None) -> int:
         settings = _settings_from(args, "" if baseline == "@init" else baseline, args.model)
         if not args.embeddings and baseline is None:
             raise GridError("embeddings must list one or more embedding files (or add --baseline)")
-        for f in args.embeddings:  # fail on a missing file before the slow model load
+        from embedtrain.embedding import load_embedding
+        for f in args.embeddings:  # fail on a missing, damaged or hostile file before the slow model load
+            if Path(f).is_dir():
+                raise GridError(f"embedding {f} is a folder; give the embedding file inside it")
             if not Path(f).is_file():
                 raise GridError(f"embedding file {f} does not exist")
+            load_embedding(f)   # its errors name the file; a few ms for a real embedding
         report = _reporter(args.progress)
         report(0, 1, f"loading model {args.model}")
         pipe, info = models.load_pipeline(args.model, args.model_config)

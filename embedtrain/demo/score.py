@@ -305,7 +305,12 @@ def load_demo_pipeline(model: str = "demo"):
     if not (folder / "model_index.json").is_file():
         raise EmbedtrainError(f"--model {model!r}: no diffusers pipeline at {folder} (model_index.json missing)"
                          + ("; run `python -m embedtrain.demo.pretrain --out assets/demo_model`" if model == "demo" else ""))
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, ImportError) as e:
+        # a damaged or partial model folder: one line naming it (the libraries' own errors run to pages)
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise EmbedtrainError(f"--model {model!r}: cannot load the diffusers pipeline at {folder} ({reason})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -323,6 +328,16 @@ def load_embedding_into(pipe, path, token: str | None = None):
     token = token or Path(path).stem
     pipe.load_textual_inversion(str(path), token=token)
     return token, None
+
+
+def _check_embedding(path) -> None:
+    """Read the file once, so an unusable one is refused in a moment (EmbeddingError naming it) instead of
+    after the model has loaded."""
+    try:
+        from embedtrain.embedding import load_embedding
+    except ImportError:   # standalone use: diffusers' loader will say what it thinks of the file
+        return
+    load_embedding(path)
 
 
 def _print_scores(scores: dict, as_json: bool) -> None:
@@ -433,14 +448,22 @@ def cli(argv=None) -> int:
     if not args.evaluate_model and not args.embedding and not args.token:
         p.error("give --embedding FILE (or --token WORD to score a word the model knows)")
     try:
-        if args.embedding and not Path(args.embedding).is_file():   # before the model loads
+        if args.embedding and Path(args.embedding).is_dir():   # before the model loads
+            raise EmbedtrainError(f"embedding {args.embedding} is a folder; give the embedding file inside it")
+        if args.embedding and not Path(args.embedding).is_file():
             raise EmbedtrainError(f"embedding file {args.embedding} does not exist")
+        if args.embedding:
+            _check_embedding(args.embedding)   # a damaged or hostile file is one line, before the model loads
         if args.evaluate_model:
             status = None
             if args.status_file:
                 if not Path(args.status_file).is_file():
                     p.error(f"--status-file {args.status_file!r}: no such file")
-                status = Path(args.status_file).read_text(encoding="utf-8")
+                try:
+                    status = Path(args.status_file).read_text(encoding="utf-8")
+                except UnicodeDecodeError:
+                    raise EmbedtrainError(f"--status-file {args.status_file}: not UTF-8 text; save it as UTF-8 "
+                                          "markdown") from None
             if not Path(args.evaluate_model).is_dir():
                 raise EmbedtrainError(f"--evaluate-model {args.evaluate_model}: no such folder")
             _print_scores(evaluate_model(Path(args.evaluate_model), n=args.n, embedding=args.embedding,
@@ -468,7 +491,12 @@ def cli(argv=None) -> int:
         grid = Image.new("RGB", (cols * RESOLUTION, (len(ims) // cols) * RESOLUTION))
         for i, im in enumerate(ims):
             grid.paste(im, ((i % cols) * RESOLUTION, (i // cols) * RESOLUTION))
-        grid.save(args.save_grid)
+        try:
+            grid.save(args.save_grid)
+        except (OSError, ValueError) as e:   # unwritable folder, or a name without a known image suffix
+            print(f"error: --save-grid {args.save_grid}: {_one_line(e)} (the scores follow)", file=sys.stderr)
+            _print_scores(scores, args.json)
+            return 2
     _print_scores(scores, args.json)
     return 0
 
