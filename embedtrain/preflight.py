@@ -98,8 +98,8 @@ def _template_problem(cfg: TrainConfig) -> Problem | None:
 
 
 def _count(folder) -> int:
-    from embedtrain.data import scan_folder
-    return len(scan_folder(folder, 64)[0])
+    from embedtrain.data import inspect_folder
+    return len(inspect_folder(folder, thumbs=0)[0])   # headers and cheap checks: no image decoded whole
 
 
 _TOKENIZERS: dict = {}

@@ -112,7 +112,9 @@ def test_form_checks_find_what_the_job_would_crash_on(ctx):
     assert "already a word of the model's vocabulary" in slots["name"] and "Embedding name" in slots["name"]
     assert "larger than the 12 training images" in slots["plan"] and slots["model"] == slots["data"] == ""
     slots, bad = form_checks(ctx, form(ctx, model="/nonexistent/model", data="/nonexistent/data"))
-    assert "not found" in slots["model"] and "does not exist" in slots["data"]
+    assert "not found" in slots["model"] and "not one the web UI may read" in slots["data"]
+    slots, bad = form_checks(ctx, form(ctx, data=str(ctx.outputs / "missing")))   # allowed, but not there
+    assert "does not exist" in slots["data"]
     slots, bad = form_checks(ctx, form(ctx, lr="0.005:5, 1e-3:10", steps=20))   # the schedule ends early
     assert bad == ["lr_piecewise"] and "ends at update 10" in slots["plan"]
     assert form_checks(ctx, form(ctx))[1] == []

@@ -157,3 +157,30 @@ def test_no_share_link_unless_asked_and_never_without_auth(tmp_path, monkeypatch
     assert served.allowed_folder(tmp_path / "b" / "x") == tmp_path / "b" / "x"
     with pytest.raises(context.NotAllowed):
         served.allowed_folder(tmp_path / "c")
+
+
+def test_jobs_and_every_tab_read_only_allowed_folders(tmp_path):
+    """/train, the LR finder, the study and the live status apply the same rule as the dataset box."""
+    from embedtrain.config import TrainConfig
+    from embedtrain.ui.context import DEMO_DATASET, NotAllowed, UIContext
+    from embedtrain.ui.grid_tab import study_command
+    from embedtrain.ui.jobs import JobStatus
+    from embedtrain.ui.train_tab import status_view
+    ctx = UIContext(outputs=tmp_path / "outputs", data=str(DEMO_DATASET))
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "notes.txt").write_text("SECRET-TOKEN-123\n")
+    cfg = TrainConfig(model="demo", data=str(secret), name="zorb")
+    with pytest.raises(NotAllowed, match="data folder"):
+        ctx.jobs.start(cfg)
+    with pytest.raises(NotAllowed, match="template file"):   # its lines would come back in preview captions
+        ctx.jobs.start(cfg.replace(data=str(DEMO_DATASET), template=str(secret / "notes.txt")))
+    with pytest.raises(NotAllowed):
+        study_command(ctx, {"data": str(secret), "low": "2,1", "high": "1,2"}, {})
+    assert [p.name for p in ctx.outputs.iterdir() if not p.name.startswith(".")] == []
+    run = ctx.outputs / "zorb-1"
+    run.mkdir()
+    (run / "zorb.safetensors").write_bytes(b"x")
+    (run / "x.json").symlink_to(secret / "notes.txt")
+    v = status_view(JobStatus("finished", run_dir=str(run), name="zorb"))
+    assert [Path(f).name for f in v["files"]] == ["zorb.safetensors"]

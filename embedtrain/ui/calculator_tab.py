@@ -112,13 +112,13 @@ def empty_outputs(error: str = "") -> dict:
     }
 
 
-def from_train(data: str, batch_size, grad_accum, steps, step_unit, val_split) -> dict:
+def from_train(data: str, batch_size, grad_accum, steps, step_unit, val_split, ctx=None) -> dict:
     """Calculator inputs for the Train tab's form: its dataset's usable images (0 when the folder cannot be
     read: the calculator then says why) and its BS, GA, steps, step unit and validation split."""
     from embedtrain import EmbedtrainError
     from embedtrain.ui.train_tab import _count_images
     try:
-        images = _count_images(str(data or ""))
+        images = _count_images(str(data or ""), ctx)   # only a folder the web UI may read
     except (EmbedtrainError, OSError):
         images = 0
     return {"images": images, "batch_size": batch_size, "grad_accum": grad_accum, "steps": steps,
@@ -319,7 +319,7 @@ def _wire(ctx, box: dict, shown: dict, use, reread, targets: list) -> None:
         filled = ["images", "batch_size", "grad_accum", "steps", "step_unit", "val_split"]
 
         def read_train(*args):
-            got = from_train(*args)
+            got = from_train(*args, ctx=ctx)
             return [got[k] for k in filled]
 
         reread.click(read_train, sources, [box[k] for k in filled], api_visibility="private")

@@ -23,7 +23,7 @@ from embedtrain.fileio import is_embedding_file
 from embedtrain.grid import (DEFAULT_PROMPTS, SAMPLERS, GridError, GridSettings, parse_pair, default_out,
                              parse_prompts, parse_seeds)
 from embedtrain.ui.context import api_parameters
-from embedtrain.ui.jobs import JobSlot, launch
+from embedtrain.ui.jobs import JobSlot, launch, tail
 
 BASELINES = ["none", "init text", "no embedding", "this text"]
 # The Train tab inputs "Use these settings" fills from a run's config.json (those that exist are used).
@@ -135,6 +135,8 @@ def study_command(ctx, v: dict, grid_values: dict) -> tuple[list[str], Path]:
     """(argv, study folder) for the study form plus the grid form's prompts, seeds and sampler settings."""
     low, high = parse_pair(v.get("low", ""), "low"), parse_pair(v.get("high", ""), "high")
     data = str(v.get("data") or "").strip()
+    if data:
+        ctx.allowed_folder(data)   # refused alike whether or not it exists: the page must not probe the disk
     if not data or not Path(data).is_dir():
         raise GridError(f"data must be a folder of training images, got {data!r}")
     name = str(v.get("name") or "").strip() or "study"
@@ -214,9 +216,9 @@ class Runner:
                 return
             yield ev
         rc = _reap(proc)
-        tail = log_path.read_text(encoding="utf-8", errors="replace")[-1500:]
+        last = tail(log_path, 1500)
         yield {"event": "error", "message": f"the render process ended with code {rc}"
-               + (" (stopped)" if rc < 0 else "") + (f". Last output:\n{tail}" if tail.strip() else "")}
+               + (" (stopped)" if rc < 0 else "") + (f". Last output:\n{last}" if last.strip() else "")}
 
     def stop(self) -> str:
         if self.proc is not None and self.proc.poll() is None:
@@ -372,7 +374,7 @@ def _wire_render(ctx, runner: Runner, grid: dict, study_ui: dict, out: dict) -> 
                     yield (f"Wrote `{Path(done['grid']).relative_to(ctx.outputs)}`: {done['cells']} cells in "
                            f"{done['seconds']} s (plus the model load); the cells are in "
                            f"`{Path(done['folder']).relative_to(ctx.outputs)}/`",
-                           done["grid"], [done["grid"], *map(str, cells)])
+                           done["grid"], ctx.servable([done["grid"], *map(str, cells)]))
         except (EmbedtrainError, ValueError) as e:
             yield f"**Error:** {e}", gr.update(), gr.update()
 
@@ -393,7 +395,7 @@ def _wire_render(ctx, runner: Runner, grid: dict, study_ui: dict, out: dict) -> 
                 import pandas as pd
                 frame = pd.read_csv(done["table"], dtype=str, keep_default_na=False)
                 pair_items = [(p, name) for name, p in done["pairs"].items()]
-                files = [done["grid"], done["table"], *done["pairs"].values()]
+                files = ctx.servable([done["grid"], done["table"], *done["pairs"].values()])
                 yield (f"Study written to `{Path(done['folder']).relative_to(ctx.outputs)}/`", done["grid"], files,
                        gr.update(value=pair_items, visible=True), gr.update(value=frame, visible=True))
         except (EmbedtrainError, ValueError) as e:

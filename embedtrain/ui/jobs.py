@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from embedtrain import EmbedtrainError
-from embedtrain.config import TrainConfig
+from embedtrain.config import TEMPLATES, TrainConfig
 from embedtrain.fileio import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -169,6 +169,9 @@ class JobManager:
         self.outputs.mkdir(parents=True, exist_ok=True)
         self.state_file = self.outputs / STATE_FILES["train"]
         self.slot = JobSlot(self.outputs)
+        # The web UI's rule for folders and files it may read (UIContext.allowed_folder); None: no limit (the
+        # CLI, tests). A /train call must not make a job read what the page itself may not.
+        self.allowed_folder = None
 
     # ------------------------------------------------------------ control
     def current(self) -> dict | None:
@@ -192,6 +195,7 @@ class JobManager:
             cfg = cfg.replace(out=str(self.outputs),
                               run_name=cfg.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
             cfg.validate()
+            self.check_readable(cfg)
             from embedtrain.preflight import check_run
             problems = check_run(cfg)
             if problems:   # refused before a folder is made: a job that cannot run leaves nothing behind
@@ -214,6 +218,15 @@ class JobManager:
 
         self.slot.start("train", spawn)
         return run_dir
+
+    def check_readable(self, cfg: TrainConfig) -> None:
+        """NotAllowed unless every folder or file the job would read is one the web UI may read."""
+        if self.allowed_folder is None:
+            return
+        for path, what, field_ in ((cfg.data, "data folder", "data"), (cfg.val_data, "validation folder", "val_data"),
+                                   (cfg.template, "template file", "template")):
+            if path and not (field_ == "template" and path in TEMPLATES):
+                self.allowed_folder(path, what, field_)
 
     def stop(self) -> str:
         """Ask the running job to finish its update, save and exit (a STOP file); a second stop signals it."""
@@ -251,8 +264,8 @@ class JobManager:
             st.stopping = (run / "STOP").exists()
         elif st.state == "running":  # the process is gone without its final event: it crashed
             st.state = "crashed"
-            tail = _tail(run / "job.log", 1500)
-            st.message = "the job ended without finishing (crashed or killed). Last output:\n" + tail
+            st.message = "the job ended without finishing (crashed or killed). Last output:\n" + \
+                tail(run / "job.log", 1500)
         return st
 
     def history(self) -> list[JobStatus]:
@@ -376,8 +389,11 @@ def _has_started(run: Path) -> bool:
         return False
 
 
-def _tail(path: Path, n: int) -> str:
+def tail(path: Path, n: int) -> str:
+    """The last `n` bytes of a text file (a job's log can be long: only its end is read)."""
     try:
-        return path.read_text(encoding="utf-8", errors="replace")[-n:]
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - n))
+            return fh.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""

@@ -22,7 +22,7 @@ import pandas as pd
 
 from embedtrain import EmbedtrainError
 from embedtrain.config import TEMPLATES, TrainConfig, apply_preset
-from embedtrain.ui.jobs import STATE_FILES, JobSlot, job_alive, launch
+from embedtrain.ui.jobs import STATE_FILES, JobSlot, job_alive, launch, tail
 from embedtrain.ui.plots import typed_frame, with_series
 
 # Train-tab settings the finder runs with (TrainConfig field names), in the order callbacks get them.
@@ -237,13 +237,6 @@ class FinderJobs:
         return None, None
 
 
-def _tail(path: Path, n: int = 1200) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")[-n:]
-    except FileNotFoundError:
-        return ""
-
-
 def job_view(jobs: FinderJobs) -> dict:
     """What the page shows for the current (or last) finder job."""
     job = jobs.current()
@@ -267,7 +260,7 @@ def job_view(jobs: FinderJobs) -> dict:
         png = run_dir / f"{RESULT[kind]}.png"
         return dict(status=f"**{what} finished** ({run_dir.name}) · files in `{run_dir}`", kind=kind, frame=frame,
                     verdict=verdict_markdown(kind, report), image=str(png) if png.is_file() else None, running=False)
-    return dict(status=f"**{what} failed** ({run_dir.name}):\n```\n{_tail(run_dir / 'job.log')}\n```", kind=kind,
+    return dict(status=f"**{what} failed** ({run_dir.name}):\n```\n{tail(run_dir / 'job.log', 1200)}\n```", kind=kind,
                 frame=frame, verdict="", image=None, running=False)
 
 
@@ -375,6 +368,7 @@ def _wire_jobs(ctx, jobs: FinderJobs, src: dict, ui: dict) -> None:
         import io
         err = io.StringIO()
         try:
+            ctx.allowed_folder(values.get("data"))   # the finder reads the Train tab's dataset
             with contextlib.redirect_stderr(err):  # argparse reports a bad flag value there, then exits
                 job = jobs.start(kind, values, opts)
         except (EmbedtrainError, SystemExit) as e:
@@ -400,7 +394,7 @@ def _wire_jobs(ctx, jobs: FinderJobs, src: dict, ui: dict) -> None:
             frames[0] = v["frame"]
         elif v["kind"] == "sweep":
             frames[1] = v["frame"]
-        return (v["status"], *frames, v["verdict"], v["image"],
+        return (v["status"], *frames, v["verdict"], (ctx.servable([v["image"]]) or [None])[0],
                 gr.update(interactive=bool(rng and rng.get("lower") is not None)),
                 gr.update(interactive=bool(swp and swp.get("recommended_lr") is not None)),
                 gr.Timer(active=v["running"]))

@@ -18,7 +18,7 @@ import pandas as pd
 
 from embedtrain import EmbedtrainError
 from embedtrain.config import OPTIMIZERS, STEP_UNITS, TEMPLATES, TrainConfig, apply_preset
-from embedtrain.ui.context import api_parameters
+from embedtrain.ui.context import api_parameters, servable_files
 from embedtrain.ui.plots import typed_frame, with_series
 
 SCHEDULES = ["constant", "linear", "cosine", "cosine_restarts", "polynomial", "piecewise", "triangular",
@@ -73,7 +73,7 @@ def derived_text(ctx, values: dict) -> str:
     from embedtrain.calculator import CalcError, derive, split_counts
     try:
         cfg = form_config(ctx, values)
-        images = _count_images(cfg.data)
+        images = _count_images(cfg.data, ctx)
         train, val = split_counts(images, cfg.val_split)
         d = derive(train, cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.step_unit, repeats=1)
     except (EmbedtrainError, CalcError, ValueError) as e:
@@ -96,10 +96,20 @@ def form_checks(ctx, values: dict, labels: dict | None = None) -> tuple[dict, li
 
     Returns ({slot: markdown} for CHECK_SLOTS, [label of each field with a problem]); no problems means
     Train may start. `labels` maps field names to the form's labels (the field name where missing)."""
-    from embedtrain.preflight import Problem, check_run, field_of
+    from embedtrain.preflight import Problem, check_run, field_of, model_tokenizer
     labels = labels or {}
     try:
-        problems = check_run(form_config(ctx, values), count_images=_count_images)
+        cfg = form_config(ctx, values)
+        try:
+            ctx.jobs.check_readable(cfg)   # the dataset, validation folder and template file the job would read
+        except EmbedtrainError as e:    # not looked at further; the model is still checked (it reads no data)
+            problems = [Problem(field_of(e), str(e))]
+            try:
+                model_tokenizer(cfg.model)
+            except EmbedtrainError as m:
+                problems.insert(0, Problem("model", str(m)))
+        else:
+            problems = check_run(cfg, count_images=lambda folder: _count_images(folder, ctx))
     except EmbedtrainError as e:
         problems = [Problem(field_of(e), str(e))]
     slots = {k: [] for k in CHECK_SLOTS}
@@ -116,7 +126,7 @@ def schedule_frame(ctx, values: dict) -> tuple[pd.DataFrame, str]:
     from embedtrain.schedules import describe, from_config
     try:
         cfg = form_config(ctx, values)
-        train, _ = split_counts(_count_images(cfg.data), cfg.val_split)
+        train, _ = split_counts(_count_images(cfg.data, ctx), cfg.val_split)
         d = derive(train, cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.step_unit)
         s = from_config(cfg, d)
     except Exception as e:  # any bad setting: show why instead of a plot
@@ -350,9 +360,10 @@ def status_view(st, plots: bool = True) -> dict:
         return text
     loss, lr = plot_frames(st.rows)
     run = Path(st.run_dir) if st.run_dir else None
-    files = sorted(str(p) for p in [*run.glob("*"), *run.glob("diffusers/*.safetensors")]
-                   if p.suffix in (".safetensors", ".pt", ".json", ".csv", ".bin")) if run else []
-    previews = [(p, preview_caption(p)) for p in st.previews[-8:][::-1]]
+    # only regular files inside the run folder: a planted `x.json -> /etc/passwd` must not be handed out
+    files = servable_files(sorted(str(p) for p in [*run.glob("*"), *run.glob("diffusers/*.safetensors")]
+                                  if p.suffix in (".safetensors", ".pt", ".json", ".csv", ".bin")), run) if run else []
+    previews = [(p, preview_caption(p)) for p in servable_files(st.previews[-8:][::-1], run)] if run else []
     return dict(progress="  \n".join(lines), loss=loss, lr=lr, previews=previews, files=files,
                 run=st.run_dir, running=st.state == "running", summary=st.summary)
 
@@ -518,7 +529,8 @@ def build(ctx) -> None:
     check_outputs = [derived, schedule_plot, schedule_desc, *(checks[k] for k in CHECK_SLOTS), form_check, form_ok]
     gr.on([c[k].change for k in FIELDS], refresh_derived, inputs, check_outputs, show_progress="hidden",
           api_visibility="private")
-    c["data"].change(dataset_view, c["data"], [data_info, thumbs], show_progress="hidden", api_visibility="private")
+    c["data"].change(lambda folder: dataset_view(folder, ctx), c["data"], [data_info, thumbs], show_progress="hidden",
+                     api_visibility="private")
 
     def load_model(source):
         from embedtrain import models
@@ -654,7 +666,7 @@ def build(ctx) -> None:
         if running:
             args = form
         checked = refresh_derived(*args)
-        text, pics = dataset_view(values_of(args)["data"])
+        text, pics = dataset_view(values_of(args)["data"], ctx)
         frame_h = history_frame(ctx.jobs)
         return (*checked, text, pics, history_markdown(frame_h), gr.update(choices=list(frame_h["run"])), *form)
 
