@@ -672,6 +672,8 @@ def run_study(base, low, high, low_steps: int, high_steps: int, out, settings: G
     samples, _ = data.scan_folder(base.data, base.resolution)
     n_train, _ = split_counts(len(samples), base.val_split)
     plan = study_table(n_train * base.repeats, low, high, low_steps, high_steps, step_unit)
+    for run in plan:   # all four checked before the first trains (not the fourth failing hours in)
+        _check_study_run(base, run, step_unit, out)
     if pipe is None:
         pipe, info = models.load_pipeline(base.model, base.model_config)
     total = sum(r.weight_updates for r in plan)
@@ -724,6 +726,28 @@ def run_study(base, low, high, low_steps: int, high_steps: int, out, settings: G
         pairs[f"{a} vs {b}"] = _png(picture, out / f"{a}-vs-{b}.png", text)
     table = write_table(out, rows)
     return StudyResult(out, rows, grid, pairs, table)
+
+
+def _check_study_run(base, run, step_unit: str, out: Path) -> None:
+    """One study run's config, validated with errors about what the user typed: the embedding names are
+    NAME-gaST ..., so a name near the length limit is refused as `name`, and the run lengths as the study's
+    low/high steps."""
+    from embedtrain.config import MAX_NAME_BYTES, MAX_NAME_CHARS, ConfigError
+    cfg = base.replace(name=f"{base.name}-{run.name}", batch_size=run.batch_size, grad_accum=run.grad_accum,
+                       steps=run.steps, step_unit=step_unit, run_name=run.name, out=str(out))
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        text = str(e)
+        if text.startswith("name "):
+            room = len(run.name) + 1
+            raise ConfigError(f"name: the study names its embeddings NAME-{run.name} and so on, so name must be at "
+                              f"most {MAX_NAME_CHARS - room} characters and {MAX_NAME_BYTES - room} bytes; "
+                              f"{base.name!r} is {len(base.name)} characters") from None
+        if text.startswith(("steps ", "batch_size ", "grad_accum ")):
+            raise ConfigError(f"study run {run.name} (BS {run.batch_size}, GA {run.grad_accum}, {run.steps} "
+                              f"{step_unit}s): {text}; change --low/--high or --low-steps/--high-steps") from None
+        raise
 
 
 def _fmt_loss(x) -> str:
@@ -898,6 +922,8 @@ def cli_study(argv=None) -> int:
             baseline = None if args.baseline == "none" else args.baseline
         settings = _settings_from(args, baseline, base.model)
         out = Path(args.study_out or Path(base.out) / f"study-{time.strftime('%Y%m%d-%H%M%S')}")
+        from embedtrain.trainer import refuse_existing_run
+        refuse_existing_run(out, flag="--study-out", resumable=False, field="study_out", what="study folder")
         report = _reporter(args.progress)
         log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.progress == "json" else print
         result = run_study(base, low, high, args.low_steps, args.high_steps, out, settings, args.step_unit,

@@ -31,13 +31,15 @@ from dataclasses import fields
 from pathlib import Path
 
 from embedtrain import EmbedtrainError
-from embedtrain.config import MAX_LR, ConfigError, TrainConfig, add_arguments, config_from_args, read_settings
+from embedtrain.config import (MAX_LR, MAX_STEPS, ConfigError, TrainConfig, add_arguments, config_from_args,
+                               read_settings)
 
 RAMPS = ("linear", "exponential")
 FALL_FRACTION = 0.10   # the loss "starts to fall" once 10% of its total fall is done
 FLAT_FRACTION = 0.05   # it "stops falling" once it is within 5% of the total fall from its minimum
 BUMP_FRACTION = 0.02   # a rise above the best-so-far bigger than 2% of the total fall is a bump
 TURN_FRACTION = 0.05   # ending more than 5% of the total fall above the minimum is turning up
+MAX_SWEEP_EPOCHS = 1000  # per candidate; the guide's runs were 20
 DEFAULT_VAL_SPLIT = 0.25  # when the user set no validation: the users held out 20% (4 of 20 images)
 
 VERDICTS = {
@@ -378,8 +380,9 @@ def ramp_settings(lr, ramp="linear", start_lr=None, end_lr=None, updates=60, val
     end_lr defaults to 10 x lr; start_lr to 0 (linear) or end_lr / 1000 (exponential); val_every to K / 20."""
     if ramp not in RAMPS:
         raise ConfigError(f"ramp must be one of {', '.join(RAMPS)}, got {ramp!r}")
-    if not (isinstance(updates, int) and updates >= 5):
-        raise ConfigError(f"updates must be a whole number >= 5 (the ramp's length in weight updates), got {updates!r}")
+    if not (isinstance(updates, int) and 5 <= updates <= MAX_STEPS):
+        raise ConfigError(f"updates must be a whole number >= 5 and <= {MAX_STEPS} (the ramp's length in weight "
+                          f"updates), got {updates!r}")
     end_lr = 10 * lr if end_lr is None else float(end_lr)
     start_lr = (0.0 if ramp == "linear" else end_lr / 1000) if start_lr is None else float(start_lr)
     if not (math.isfinite(end_lr) and 0 < end_lr <= MAX_LR):
@@ -566,8 +569,9 @@ def sweep(cfg: TrainConfig, out_dir, *, candidates=None, epochs: float = 8, val_
     candidates = sorted(float(c) for c in (candidates or default_candidates(cfg.lr)))
     if not all(math.isfinite(c) and 0 < c <= MAX_LR for c in candidates) or len(set(candidates)) != len(candidates):
         raise ConfigError(f"candidates must be different LRs, each a number > 0 and <= {MAX_LR:g}, got {candidates}")
-    if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
-        raise ConfigError(f"epochs must be a number > 0 (the length of each candidate run), got {epochs!r}")
+    if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and 0 < epochs <= MAX_SWEEP_EPOCHS):
+        raise ConfigError(f"epochs must be a number > 0 and <= {MAX_SWEEP_EPOCHS} (the length of each candidate "
+                          f"run), got {epochs!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -722,8 +726,8 @@ def prepare(command: str, argv) -> tuple[TrainConfig, argparse.Namespace, list[s
     cfg = cfg.validate()
     if command == "sweep":
         args.candidates = parse_candidates(args.candidates) if args.candidates else default_candidates(cfg.lr)
-        if not (math.isfinite(args.epochs) and args.epochs > 0):
-            raise ConfigError(f"epochs must be a number > 0, got {args.epochs!r}")
+        if not (math.isfinite(args.epochs) and 0 < args.epochs <= MAX_SWEEP_EPOCHS):
+            raise ConfigError(f"epochs must be a number > 0 and <= {MAX_SWEEP_EPOCHS}, got {args.epochs!r}")
     else:
         ramp_settings(cfg.lr, args.ramp, args.start_lr, args.end_lr, args.updates, getattr(args, "val_every", None))
     kind = "lrfind" if command == "lr-find" else "sweep"

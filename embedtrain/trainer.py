@@ -748,7 +748,8 @@ def new_run_dir(cfg: TrainConfig) -> Path:
 LAUNCH_FILES = ("job.json", "job.log", "STOP")
 
 
-def refuse_existing_run(run_dir: Path, flag: str = "--run-name", resumable: bool = True) -> None:
+def refuse_existing_run(run_dir: Path, flag: str = "--run-name", resumable: bool = True, field: str = "run_name",
+                        what: str = "run folder") -> None:
     """A new run never writes into a folder that already holds files of its own (an earlier run's embedding,
     log, config or snapshots would be overwritten or mixed with the new ones): one ConfigError saying what
     to do instead. An empty folder, or one holding only what the web UI writes before launching, is fine."""
@@ -765,7 +766,7 @@ def refuse_existing_run(run_dir: Path, flag: str = "--run-name", resumable: bool
     if resumable:
         way_back = (f", or continue that run with --resume {run_dir}" if (run_dir / "resume.pt").is_file() else
                     f"; --resume {run_dir} continues a stopped run, but this one has no resume.pt (it finished)")
-    raise ConfigError(f"run_name: the run folder {run_dir} already exists and holds {shown}; a new run would "
+    raise ConfigError(f"{field}: the {what} {run_dir} already exists and holds {shown}; a new run would "
                       f"overwrite or mix with its files: choose another {flag}{way_back}")
 
 

@@ -624,3 +624,49 @@ def test_config_pointing_at_a_folder_says_so(images, tmp_path, capsys, keep_sign
     assert cli(["--config", str(tmp_path), "--data", str(images), "--name", "zorblat"]) == 2
     line = one_line_error(capsys.readouterr().err, "is a folder", "settings JSON file")
     assert "cannot write" not in line
+
+
+# ====================================================================== the same classes, around them
+def test_the_study_checks_all_four_runs_before_the_first_trains(images, tmp_path, capsys, monkeypatch):
+    """A study of NAME-gaST ... : a name near the limit is refused as the name the user typed, and a run length
+    past the bound before anything trains (before: the fourth run failed after three had trained)."""
+    from embedtrain import models
+    from embedtrain.grid import cli_study
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    common = ["--model", "tiny", "--data", str(images), "--low", "2,1", "--high", "1,2", "--low-steps", "2",
+              "--study-out", str(tmp_path / "study")]
+    assert cli_study([*common, "--name", "x" * 62, "--high-steps", "4"]) == 2
+    one_line_error(capsys.readouterr().err, "name: the study names its embeddings NAME-gaST",
+                   "at most 59 characters", "is 62 characters")
+    assert cli_study([*common, "--name", "zorblat", "--high-steps", str(10 ** 9)]) == 2
+    one_line_error(capsys.readouterr().err, "study run gaST", "steps must be >= 1 and <= 10000000", "--high-steps")
+    assert not (tmp_path / "study").exists()
+
+
+def test_the_study_refuses_a_study_folder_that_holds_files(images, tmp_path, capsys):
+    from embedtrain.grid import cli_study
+    (tmp_path / "study" / "gaST").mkdir(parents=True)
+    assert cli_study(["--model", "tiny", "--data", str(images), "--name", "zorblat", "--low", "2,1", "--high", "1,2",
+                      "--low-steps", "2", "--high-steps", "4", "--study-out", str(tmp_path / "study")]) == 2
+    one_line_error(capsys.readouterr().err, "study_out: the study folder", "already exists and holds gaST",
+                   "--study-out")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["lr-find", "--updates", str(10 ** 9)], "updates must be a whole number >= 5 and <= 10000000"),
+    (["sweep", "--epochs", "1e9"], "epochs must be a number > 0 and <= 1000"),
+])
+def test_finder_lengths_are_bounded_before_anything_loads(images, tmp_path, capsys, argv, words):
+    from embedtrain.__main__ import main
+    assert main([*argv, *ARGS, "--data", str(images), "--out", str(tmp_path)]) == 2
+    one_line_error(capsys.readouterr().err, words)
+
+
+@pytest.mark.parametrize("flag,value,words", [("--n", "1000000", "--n must be between 1 and 1000"),
+                                              ("--steps", "1000000", "--steps must be between 1 and 1000")])
+def test_score_bounds_its_sizes(capsys, monkeypatch, flag, value, words):
+    from embedtrain.demo import score
+    monkeypatch.setattr(score, "load_demo_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        score.cli(["--token", "star", flag, value])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err

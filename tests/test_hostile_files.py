@@ -386,6 +386,24 @@ def test_an_oversized_real_text_chunk_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- bounded time and memory
+def deflate_bomb(path: Path, megabytes: int) -> Path:
+    """A torch zip .pt whose tensor record data/0 is `megabytes` MB of zeros, deflated (~1 kB per MB)."""
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    torch.save({"string_to_param": {"*": torch.zeros(1, DIM)}}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, "w") as dst:
+        for name in ("archive/data.pkl", "archive/version"):
+            dst.writestr(name, src.read(name))
+        info = zipfile.ZipInfo("archive/data/0")
+        info.compress_type = zipfile.ZIP_DEFLATED
+        with dst.open(info, "w", force_zip64=True) as fh:
+            block = b"\0" * (1 << 20)
+            for _ in range(megabytes):
+                fh.write(block)
+    return path
+
+
 BOUNDED_SCRIPT = textwrap.dedent("""
     import json, resource, struct, sys, time, zlib
     from pathlib import Path
@@ -432,12 +450,13 @@ def test_hostile_files_cost_bounded_time_and_memory(tmp_path):
     (folder / "deep.png").write_bytes(png_bytes(png_chunk(b"tEXt", b"sd-ti-embedding\0" + base64.b64encode(
         b"[" * 4_000_000))))
     HOSTILE["torch_zip.ckpt"](tmp_path / "PWNED", folder / "evil.ckpt")
+    deflate_bomb(folder / "bomb.pt", 1024)   # 1 GB of zeros in a 1 MB zip .pt: torch would inflate it first
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", BOUNDED_SCRIPT, str(folder)], capture_output=True, text=True,
                           timeout=120, env=env, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 8, results
+    assert len(results) == 9, results
     for name, (outcome, seconds, extra_mb) in results.items():
         assert outcome == "refused", (name, results)
         assert seconds < 1.0, (name, results)

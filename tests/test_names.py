@@ -25,6 +25,7 @@ BAD_NAMES = {
     ".hidden": "may hold only", "-flag": "may hold only", "x\0y": "may hold only", "two\nlines": "may hold only",
     "a b": "may hold only", "zorb\u200b": "may hold only", "evil\u202etxt.exe": "may hold only",
     "x..y": "may hold only", "~root": "may hold only", "$HOME": "may hold only", "*": "may hold only",
+    "COM¹": "reserved", "lpt³.txt": "reserved",   # Windows counts the superscripts ¹ ² ³ as device digits
 }
 
 

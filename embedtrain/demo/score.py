@@ -36,6 +36,7 @@ from embedtrain.demo.world import (BACKGROUNDS, COLOURS, HELD_OUT, RESOLUTION, S
 
 DEMO_MODEL = Path(__file__).resolve().parents[2] / "assets" / "demo_model"
 GRID = 24                    # side of the normalised shape mask
+MAX_SEEDS = 1000             # --n: seeds per prompt (the card's protocol uses CARD_SEEDS)
 SAMPLE_STEPS = 20            # the demo's default sampler steps
 # The sampler saved with the demo model (a diffusers class) and its default CFG scale (the demo preset's):
 # chosen by measurement, see the model card's Status.
@@ -399,8 +400,9 @@ def evaluate_model(folder: Path, n_seen: int = CARD_SEEN, n: int = CARD_SEEDS, e
                "fidelity / editability"] = \
             f"{ti['concept_fidelity']} / {ti['editability']}"
     status = status if status is not None else (saved.get("status", "") if same else "")
-    (folder / SCORES).write_text(json.dumps({"measured_on": model_state(stats, folder), "scores": scores,
-                                             "status": status}, indent=2), encoding="utf-8")
+    from embedtrain.fileio import atomic_write_text   # a kill mid-write must not cut the card's scores
+    atomic_write_text(folder / SCORES, json.dumps({"measured_on": model_state(stats, folder), "scores": scores,
+                                                   "status": status}, indent=2))
     write_card(folder, stats)
     return scores
 
@@ -443,8 +445,10 @@ def cli(argv=None) -> int:
     args = p.parse_args(argv)
     if args.n is None:
         args.n = CARD_SEEDS if args.evaluate_model else QUICK_SEEDS
-    if args.n < 1:
-        p.error(f"--n must be at least 1, got {args.n}")
+    if not 1 <= args.n <= MAX_SEEDS:   # every image is kept for the grid: n is bounded like any size
+        p.error(f"--n must be between 1 and {MAX_SEEDS} seeds per prompt, got {args.n}")
+    if not 1 <= args.steps <= 1000:
+        p.error(f"--steps must be between 1 and 1000 sampler steps, got {args.steps}")
     if not args.evaluate_model and not args.embedding and not args.token:
         p.error("give --embedding FILE (or --token WORD to score a word the model knows)")
     try:
