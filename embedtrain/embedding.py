@@ -3,14 +3,14 @@
 How new tokens work here: the text encoder's token-embedding table is wrapped, not resized.
 `ExtraTokenEmbedding` looks ordinary ids up in the original (frozen, untouched) table and ids past
 its end in small per-embedding tensors. So only the new vectors are parameters (the optimizer never
-sees the 49408-row table, which keeps D-Adaptation/Prodigy estimates sane, SCIENCE.md section 5), the
+sees the 49408-row table, which keeps D-Adaptation/Prodigy estimates sane, docs/guide.md#lr-free-optimizers), the
 other rows stay bit-identical by construction, and nothing is copied back after each step.
 
 In prompts the user writes the embedding's name; `TokenSet.expand` replaces it with internal tokens
 (`<emb0v0> <emb0v1> ...`, one per vector). CLIP lowercases text, so names that differ only by case
 (gaST / gast) still get distinct internal tokens.
 
-Files (DESIGN.md "Embedding files"): safetensors `{"emb_params": [N, dim]}` + metadata (default);
+Files: safetensors `{"emb_params": [N, dim]}` + metadata (default);
 A1111 `.pt`; diffusers-format `diffusers/NAME.safetensors` `{token: [N, dim]}` (older runs wrote
 `NAME.learned_embeds.safetensors`); SDXL `{clip_l, clip_g}` and A1111 embedding PNGs (the
 'sd-ti-embedding' text chunk) read.
@@ -92,7 +92,7 @@ class ExtraTokenEmbedding(nn.Module):
 
 
 def text_transformer(text_encoder):
-    # transformers 5 nests the CLIP text transformer differently across classes (DESIGN.md gotcha).
+    # transformers 5 nests the CLIP text transformer differently across classes.
     return text_encoder.text_model if hasattr(text_encoder, "text_model") else text_encoder
 
 

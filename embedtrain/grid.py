@@ -17,7 +17,7 @@ beside it with every cell as its own PNG, each with its own `parameters`; all wr
     python -m embedtrain study --model demo --data assets/demo_dataset --low 13,2 --high 3,17 \\
         --low-steps 150 --high-steps 3000
 
-The study trains the guide's four embeddings (gaST, gast, GAST, GAst; SCIENCE.md section 4) with
+The study trains the guide's four embeddings (gaST, gast, GAST, GAst; docs/guide.md#steps-and-ga) with
 the same seed and data on one loaded model, renders their grid and the four pairwise comparisons,
 and writes a table of each run's epochs, weight updates, final loss and validation loss.
 """
@@ -56,7 +56,7 @@ SAMPLERS = {
     "pndm": ("PNDMScheduler", {}, "PLMS"),
 }
 
-# The guide's four pairwise comparisons (SCIENCE.md section 4), in its order.
+# The guide's four pairwise comparisons (docs/guide.md#steps-and-ga), in its order.
 STUDY_PAIRS = (("gaST", "GAst"), ("gaST", "GAST"), ("gast", "GAst"), ("gaST", "gast"))
 STUDY_COLUMNS = ["run", "meaning", "batch_size", "grad_accum", "steps", "step_unit", "batches", "epochs",
                  "weight_updates", "final_loss", "val_loss", "status", "embedding"]

@@ -76,7 +76,7 @@ class Trainer:
             self.train_samples = samples
         else:
             self.train_samples, self.val_samples = data.split(samples, cfg.val_split, cfg.seed)
-        self.images = len(self.train_samples) * cfg.repeats  # DESIGN.md: images after split, with repeats
+        self.images = len(self.train_samples) * cfg.repeats  # images after the split, with repeats
         from embedtrain.config import MAX_EPOCH_IMAGES
         if self.images > MAX_EPOCH_IMAGES:
             raise ConfigError(f"repeats: {len(self.train_samples)} images x {cfg.repeats} repeats = {self.images} "
@@ -137,7 +137,7 @@ class Trainer:
         self.plan = self._plan()
 
     def _plan(self):
-        """The run's counts (DESIGN.md formulas) for the loaded data and the current config."""
+        """The run's counts (calculator.derive's formulas) for the loaded data and the current config."""
         cfg = self.cfg
         return derive(len(self.train_samples), cfg.batch_size, cfg.grad_accum, cfg.steps, cfg.step_unit,
                       repeats=cfg.repeats, processes=self.world)
@@ -245,7 +245,7 @@ class Trainer:
         return t.to(self.device)
 
     def fixed_loss(self, which: str = "val"):
-        """Validation loss with fixed timesteps and fixed noise per image (DESIGN.md): two evaluations
+        """Validation loss with fixed timesteps and fixed noise per image: two evaluations
         differ only because the embedding changed. `which="train"` is the stabilized training loss."""
         import torch
         from embedtrain.data import make_prompt
@@ -824,6 +824,9 @@ def cli(argv) -> int:
     try:
         if args.resume:
             run_dir = Path(args.resume)
+            if not run_dir.is_dir():
+                raise ConfigError(f"resume: {run_dir} is not a run folder; give the folder of a stopped run (it "
+                                  "holds config.json and resume.pt)")
             cfg = config_from_args(args, str(run_dir / "config.json"))
         else:
             cfg = config_from_args(args, args.config)

@@ -670,3 +670,12 @@ def test_score_bounds_its_sizes(capsys, monkeypatch, flag, value, words):
     with pytest.raises(SystemExit) as exit_:
         score.cli(["--token", "star", flag, value])
     assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_resume_of_something_that_is_not_a_run_folder_is_one_line(tmp_path, capsys, keep_signals):
+    from embedtrain.trainer import cli
+    (tmp_path / "file.txt").write_text("x")
+    for target, words in ((tmp_path / "file.txt", "is not a run folder"), (tmp_path / "nope", "is not a run folder"),
+                          (tmp_path, "config.json does not exist")):
+        assert cli(["--resume", str(target)]) == 2
+        one_line_error(capsys.readouterr().err, str(target), words)

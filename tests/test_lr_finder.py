@@ -53,7 +53,7 @@ def test_clean_u_shape_gives_bounds_at_the_corners():
 
 
 def test_users_zoomed_ramp_reads_their_bounds():
-    # SCIENCE.md 1: 0 -> 1.5e-6 over 400 updates, val every 4 updates (an epoch); the loss falls from
+    # docs/guide.md#range-test: 0 -> 1.5e-6 over 400 updates, val every 4 updates (an epoch); the loss falls from
     # the start, flattens at updates 300-350 and rises after. A curve of that shape (a steady fall that
     # eases off over its last 40 updates):
     updates = list(range(0, 401, 4))
@@ -162,7 +162,7 @@ def test_noisy_falling_curve_is_not_called_bumpy():
 
 
 def users_sweep():
-    """SCIENCE.md 3, 20 epochs each: 1e-4 learns nothing, 1e-5 and 7e-6 turn up after about 30 updates,
+    """docs/guide.md#sweep, 20 epochs each: 1e-4 learns nothing, 1e-5 and 7e-6 turn up after about 30 updates,
     5e-6 one small bump, 2e-6 smooth."""
     return {
         1e-4: [0.4 + 0.001 * u for u in U],

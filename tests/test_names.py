@@ -81,7 +81,7 @@ def test_duplicate_names_are_refused_but_case_variants_are_distinct(tiny_pipe):
     add_embedding(tok, te, "\u00e9l\u00e9", torch.zeros(1, 32))
     with pytest.raises(EmbeddingError, match="already loaded"):  # the same word, decomposed
         add_embedding(tok, te, "e\u0301le\u0301", torch.zeros(1, 32))
-    add_embedding(tok, te, "DupName", torch.ones(2, 32))  # gaST vs gast: both allowed (DESIGN.md)
+    add_embedding(tok, te, "DupName", torch.ones(2, 32))  # gaST vs gast: both allowed (embedding.py's docstring)
     # a refused duplicate left nothing behind: tokenizer and token table still agree
     from embedtrain.embedding import install
     wrapper = install(tok, te)
