@@ -27,7 +27,8 @@ class ConfigError(EmbedtrainError):
 WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"{dev}{i}" for dev in ("com", "lpt") for i in "0123456789¹²³")}
 MAX_NAME_CHARS = 64
 MAX_NAME_BYTES = 128   # name + "-20250101-120000" + ".learned_embeds.safetensors" stays under 255 bytes
-MAX_SETTINGS_FILE = 1024 * 1024   # a settings JSON (or a template file) is a few kB; larger ones are refused unread
+MAX_SETTINGS_FILE = 1024 * 1024   # a settings JSON is a few kB; larger ones are refused unread
+MAX_TEMPLATE_FILE = 256 * 1024    # a template file, one prompt per line (data.MAX_TEMPLATE_BYTES, which reads it)
 
 # Upper bounds no real run reaches; past them a typo costs gigabytes or an overflow, not a run.
 MAX_RESOLUTION = 4096        # SDXL trains at 1024; 4096 px latents already need tens of GB
@@ -309,12 +310,13 @@ class TrainConfig:
 
 def _check_template_file(path: Path) -> None:
     """A template file must be UTF-8 text with at least one line (checked here, so a bad file is one line
-    naming it before anything loads)."""
+    naming it before anything loads; text in another encoding is refused rather than trained with its
+    accented letters replaced)."""
     try:
         size = path.stat().st_size
-        if size > MAX_SETTINGS_FILE:
-            raise ConfigError(f"template file {path} is {size / 2**20:.1f} MB; a template file is a few lines "
-                              f"(at most {MAX_SETTINGS_FILE // 2**20} MB)")
+        if size > MAX_TEMPLATE_FILE:
+            raise ConfigError(f"template file {path} holds {size:,} bytes; a template file may hold at most "
+                              f"{MAX_TEMPLATE_FILE // 1024} KB (one prompt per line)")
         raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"template file {path} cannot be read ({e.strerror or e})") from None

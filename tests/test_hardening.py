@@ -679,3 +679,9 @@ def test_resume_of_something_that_is_not_a_run_folder_is_one_line(tmp_path, caps
                           (tmp_path, "config.json does not exist")):
         assert cli(["--resume", str(target)]) == 2
         one_line_error(capsys.readouterr().err, str(target), words)
+
+
+def test_the_template_size_limit_is_the_one_the_data_loader_reads():
+    from embedtrain.config import MAX_TEMPLATE_FILE
+    from embedtrain.data import MAX_TEMPLATE_BYTES
+    assert MAX_TEMPLATE_FILE == MAX_TEMPLATE_BYTES
