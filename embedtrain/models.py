@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedtrain import EmbedtrainError
+from embedtrain import EmbedtrainError, shown
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "assets" / "demo_model"
@@ -85,6 +85,14 @@ def _info(pipe, source: str, name: str, file_hash: str = "") -> ModelInfo:
     return ModelInfo(source=source, name=name, architecture=arch, token_dim=dim, resolution=res, hash=file_hash)
 
 
+def _is(path: Path, kind: str) -> bool:
+    """Path.is_dir / is_file, False for a path the OS refuses to look up (too long, bad bytes)."""
+    try:
+        return path.is_dir() if kind == "dir" else path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def load_pipeline(source: str, model_config: str = ""):
     """Return (pipeline, ModelInfo). The pipeline is on the CPU in fp32, with progress bars off."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: it is unreachable and slow to fail
@@ -96,7 +104,7 @@ def load_pipeline(source: str, model_config: str = ""):
         from embedtrain.demo.model import build_pipeline
         pipe = build_pipeline("tiny" if source == "tiny" else "demo")
         info = _info(pipe, source, source)
-    elif source == "demo" or Path(source).is_dir():
+    elif source == "demo" or _is(Path(source), "dir"):
         folder = DEMO_MODEL if source == "demo" else Path(source)
         if not (folder / "model_index.json").is_file():
             raise ModelError(f"model folder {folder} has no model_index.json; it is not a diffusers pipeline folder")
@@ -107,7 +115,7 @@ def load_pipeline(source: str, model_config: str = ""):
         except (OSError, ValueError, KeyError) as e:
             raise ModelError(f"cannot load model folder {folder}: {e}") from None
         info = _info(pipe, source, "demo" if source == "demo" else folder.name)
-    elif Path(source).is_file():
+    elif _is(Path(source), "file"):
         path = Path(source)
         if path.suffix.lower() not in (".safetensors", ".ckpt"):
             raise ModelError(f"model file {path} must be a .safetensors or .ckpt checkpoint")
@@ -123,7 +131,7 @@ def load_pipeline(source: str, model_config: str = ""):
             raise ModelError(f"cannot load checkpoint {path}: {str(e).splitlines()[0][:300]}.{hint}") from None
         info = _info(pipe, source, path.stem, short_hash(path))
     else:
-        raise ModelError(f"model {source!r} not found: use 'demo', a diffusers folder or a .safetensors/.ckpt file")
+        raise ModelError(f"model {shown(source)} not found: use 'demo', a diffusers folder or a .safetensors/.ckpt file")
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)

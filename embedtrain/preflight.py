@@ -109,17 +109,18 @@ def model_tokenizer(source: str):
     """The tokenizer of a model source, without loading its weights; None where it cannot be read alone
     (a single-file checkpoint: its tokenizer is checked when the job loads it). A source that does not
     exist raises ModelError, worded as the loader words it."""
-    from embedtrain.models import DEMO_MODEL, ModelError
+    from embedtrain import shown
+    from embedtrain.models import DEMO_MODEL, ModelError, _is
     source = (source or "").strip()
     if source == "tiny":
         return None   # built in memory by the job itself
     folder = DEMO_MODEL if source == "demo" else Path(source).expanduser()
-    if source != "demo" and folder.is_file():
+    if source != "demo" and _is(folder, "file"):
         if folder.suffix.lower() not in (".safetensors", ".ckpt"):
             raise ModelError(f"model file {folder} must be a .safetensors or .ckpt checkpoint")
         return None
-    if not folder.is_dir():
-        raise ModelError(f"model {source!r} not found: use 'demo', a diffusers folder or a .safetensors/.ckpt file")
+    if not _is(folder, "dir"):
+        raise ModelError(f"model {shown(source)} not found: use 'demo', a diffusers folder or a .safetensors/.ckpt file")
     if not (folder / "model_index.json").is_file():
         raise ModelError(f"model folder {folder} has no model_index.json; it is not a diffusers pipeline folder")
     key = (str(folder.resolve()), (folder / "tokenizer").stat().st_mtime if (folder / "tokenizer").is_dir() else 0)

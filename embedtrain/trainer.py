@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedtrain import EmbedtrainError, __version__
+from embedtrain import EmbedtrainError, __version__, shown
 from embedtrain.calculator import derive
 from embedtrain.config import ConfigError, TrainConfig, add_arguments, config_from_args
 
@@ -852,8 +852,8 @@ def cli(argv) -> int:
     except EmbedtrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # disk full, read-only or vanished folder while writing logs, previews, resume state
-        print(f"error: cannot write {e.filename or run_dir}: {e.strerror or e}. Files written before are intact "
+    except OSError as e:  # disk full, read-only or vanished folder, a path the OS refuses (too long)
+        print(f"error: {shown(str(e.filename or run_dir))}: {e.strerror or e}. Files written before are intact "
               "(every write is atomic).", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from embedtrain import EmbedtrainError
-from embedtrain.config import TEMPLATES, TrainConfig
+from embedtrain.config import TEMPLATES, TrainConfig, default_run_name
 from embedtrain.fileio import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -193,7 +193,7 @@ class JobManager:
             name = json.loads((run_dir / "config.json").read_text())["name"]
         else:
             cfg = cfg.replace(out=str(self.outputs),
-                              run_name=cfg.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                              run_name=cfg.run_name or default_run_name(cfg.name))
             cfg.validate()
             self.check_readable(cfg)
             from embedtrain.preflight import check_run

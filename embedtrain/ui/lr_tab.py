@@ -21,7 +21,7 @@ import gradio as gr
 import pandas as pd
 
 from embedtrain import EmbedtrainError
-from embedtrain.config import TEMPLATES, TrainConfig, apply_preset
+from embedtrain.config import TEMPLATES, TrainConfig, apply_preset, default_run_name
 from embedtrain.ui.jobs import STATE_FILES, JobSlot, job_alive, launch, tail
 from embedtrain.ui.plots import typed_frame, with_series
 
@@ -200,7 +200,7 @@ class FinderJobs:
         if busy:   # before the settings are checked; checked again under the slot's lock
             raise self.slot.busy(*busy)
         name = str(values.get("name") or "embedding").strip() or "embedding"
-        run_name = f"{name}-{'lrfind' if kind == 'range' else 'sweep'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_name = default_run_name(name, "lrfind" if kind == "range" else "sweep")
         argv = finder_argv(kind, values, opts, self.root, run_name)
         _, _, _, run_dir = prepare(argv[0], argv[1:])  # bad settings are refused here, before any process
 

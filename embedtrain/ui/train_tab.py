@@ -64,7 +64,7 @@ def form_config(ctx, values: dict) -> TrainConfig:
             raise EmbedtrainError(f"lr must be a number such as 0.005 or A1111's '0.005:100, 1e-3:1000, 1e-5', "
                                   f"got {lr!r}") from None
     data["out"] = str(ctx.outputs)
-    cfg = TrainConfig.from_dict(data)
+    cfg = TrainConfig.from_dict(data).validate()   # types first: a preset is looked up by the model's text
     return apply_preset(cfg, explicit=set(data)).validate()  # presets fill only what the form doesn't show
 
 
