@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     sys.path.insert(0, str(ROOT))
+    from embedtrain.__main__ import quiet_libraries
+    quiet_libraries()   # the libraries' start-up notices say nothing about the user's run
     from embedtrain.ui.app import CSS, build_app
     from embedtrain.ui.context import UIContext
 

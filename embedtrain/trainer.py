@@ -341,7 +341,7 @@ class Trainer:
         `stop()` -> True asks for a graceful stop (the CLI sets it on SIGINT; the UI via a STOP file)."""
         import torch
 
-        from embedtrain import embedding, optimizers
+        from embedtrain import data, embedding, optimizers
         from embedtrain.schedules import describe, from_config
 
         cfg, plan, main = self.cfg, self.plan, self.rank == 0
@@ -372,8 +372,8 @@ class Trainer:
             cfg.save(run_dir / "config.json")
             self.log(self.summary())
             for s in self.skipped:
-                self.log(f"  skipped {s.path}: {s.reason}")
-                events.emit("skipped", file=str(s.path), reason=s.reason)
+                self.log(f"  skipped {data.display_name(s.path)}: {s.reason}")   # non-UTF-8 names print
+                events.emit("skipped", file=data.display_name(s.path), reason=s.reason)
         events.emit("start", summary=self.summary(), weight_updates=plan.weight_updates, batches=plan.batches,
                     resume_from=update, images=self.images, warnings=self.warnings)
         log = _CsvLog(run_dir / "log.csv", enabled=main, keep_until=update if resume else None)
