@@ -394,143 +394,170 @@ def history_markdown(frame: pd.DataFrame) -> str:
 
 def build(ctx) -> None:
     cfg = default_config(ctx)
-    c: dict = {}
+    c: dict = {}    # the form: one component per TrainConfig field (FIELDS)
+    ui: dict = {}   # everything else, by name
     with gr.Row():
         with gr.Column(scale=3):
-            with gr.Row():
-                c["model"] = gr.Textbox(cfg.model, label="Model", scale=4,
-                                        info="'demo' (built in), a diffusers folder, or a .safetensors/.ckpt file")
-                load_btn = gr.Button("Load", scale=1, size="sm")
-            model_info = gr.Markdown("", elem_id="model-info", label="model")
-            checks = {"model": gr.Markdown("", elem_id="check-model")}
-            with gr.Row():
-                c["data"] = gr.Textbox(cfg.data, label="Dataset folder", scale=4,
-                                       info="images (png/jpg/webp/bmp) with optional caption .txt files")
-            data_info = gr.Markdown("", elem_id="data-info")
-            checks["data"] = gr.Markdown("", elem_id="check-data")
-            thumbs = gr.Gallery(label="Dataset", columns=8, height=120, allow_preview=False, show_label=False)
-            with gr.Row():
-                c["name"] = gr.Textbox(cfg.name, label="Embedding name", info="also the word you write in prompts")
-                c["init_text"] = gr.Textbox(cfg.init_text, label="Initialization text")
-                c["vectors"] = gr.Number(cfg.vectors, label="Vectors per token", precision=0, minimum=1, maximum=75)
-                c["template"] = gr.Dropdown(list(TEMPLATES), value=cfg.template, label="Prompt template",
-                                            allow_custom_value=True)
-            checks["name"] = gr.Markdown("", elem_id="check-name")
-            with gr.Row():
-                c["batch_size"] = gr.Number(cfg.batch_size, label="Batch size", precision=0, minimum=1,
-                                            info=INFO["batch_size"])
-                c["grad_accum"] = gr.Number(cfg.grad_accum, label="Gradient accumulation steps", precision=0,
-                                            minimum=1, info=INFO["grad_accum"])
-                c["steps"] = gr.Number(cfg.steps, label="Max steps", precision=0, minimum=1, info=INFO["steps"])
-                c["step_unit"] = gr.Radio(list(STEP_UNITS), value=cfg.step_unit, label="Steps count",
-                                          info=INFO["step_unit"])
-            derived = gr.Markdown("", elem_id="derived", elem_classes="et-derived")
-            checks["plan"] = gr.Markdown("", elem_id="check-plan")
-            with gr.Row():
-                c["lr"] = gr.Textbox(str(cfg.lr), label="Learning rate", info=INFO["lr"])
-                c["lr_schedule"] = gr.Dropdown(SCHEDULES, value=cfg.lr_schedule, label="LR schedule")
-                c["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=cfg.optimizer, label="Optimizer",
-                                             info="dadapt_adam / prodigy / schedulefree_adamw find their own "
-                                                  "step size (use LR 1.0)")
-            with gr.Accordion("Schedule parameters", open=False):
-                with gr.Row():
-                    c["lr_piecewise"] = gr.Textbox(cfg.lr_piecewise, label="Piecewise (A1111 syntax)",
-                                                   placeholder="0.005:100, 1e-3:1000, 1e-5")
-                    c["lr_warmup"] = gr.Number(cfg.lr_warmup, label="Warmup (updates)", precision=0, minimum=0)
-                    c["lr_min"] = gr.Number(cfg.lr_min, label="Min LR (end of decay / bottom of cycle)", minimum=0)
-                with gr.Row():
-                    c["lr_cycles"] = gr.Number(cfg.lr_cycles, label="Cycles", minimum=0)
-                    c["lr_step_size"] = gr.Number(cfg.lr_step_size, label="Cycle step size (updates per half "
-                                                  "cycle, 0 = derive)", precision=0, minimum=0)
-                    c["lr_step_size_epochs"] = gr.Number(cfg.lr_step_size_epochs, label="Step size as k x epoch",
-                                                         minimum=0)
-                    c["lr_cycle_start"] = gr.Radio(["low", "high"], value=cfg.lr_cycle_start, label="Cycle starts")
-                with gr.Row():   # every schedule field is reachable from the page (exp_range ran as triangular)
-                    c["lr_power"] = gr.Number(cfg.lr_power, label="Polynomial power", minimum=0,
-                                              info="polynomial: 1 = linear decay")
-                    c["lr_gamma"] = gr.Number(cfg.lr_gamma, label="exp_range gamma", minimum=0,
-                                              info="amplitude x gamma^update; 1 = triangular")
-                    c["lr_cycle_decay"] = gr.Textbox(cfg.lr_cycle_decay, label="Stepped top: cycles per stage",
-                                                     placeholder="3,2,1.5")
-                    c["lr_decay_factor"] = gr.Number(cfg.lr_decay_factor, label="Stepped top: factor per stage",
-                                                     minimum=0)
-                    c["lr_extend"] = gr.Checkbox(cfg.lr_extend, label="Hold the last piecewise LR to the end",
-                                                 info="instead of refusing a schedule shorter than the run")
-            schedule_plot = gr.LinePlot(x="update", y="lr", title="Learning rate schedule (preview)", height=200,
-                                        x_title="weight update", y_title="learning rate")
-            schedule_desc = gr.Markdown("")
-            with gr.Accordion("Validation, saving, previews, seed", open=False):
-                with gr.Row():
-                    c["val_split"] = gr.Number(cfg.val_split, label="Validation split", minimum=0, maximum=0.9,
-                                               info=INFO["val_split"])
-                    c["val_every"] = gr.Number(cfg.val_every, label="Validation every (updates)", precision=0, minimum=0)
-                    c["save_every"] = gr.Number(cfg.save_every, label="Save a snapshot every (updates)", precision=0,
-                                                minimum=0)
-                    c["preview_every"] = gr.Number(cfg.preview_every, label="Preview every (updates)", precision=0,
-                                                   minimum=0)
-                with gr.Row():
-                    c["preview_prompt"] = gr.Textbox(cfg.preview_prompt, label="Preview prompt")
-                    c["seed"] = gr.Number(cfg.seed, label="Seed", precision=0)
-                    c["resolution"] = gr.Number(cfg.resolution, label="Resolution (px)", precision=0, minimum=8, step=8)
-                    c["flip"] = gr.Checkbox(cfg.flip, label="Random horizontal flip")
-                    c["run_name"] = gr.Textbox("", label="Run folder name", placeholder="NAME-date-time")
-            with gr.Accordion("Settings file", open=False):
-                with gr.Row():
-                    save_cfg = gr.Button("Save settings as JSON", size="sm")
-                    cfg_file = gr.File(label="Settings JSON (download, or drop one here to load it)",
-                                       file_types=[".json"], elem_id="settings-file")
+            _model_and_data(cfg, c, ui)
+            _length_and_lr(cfg, c, ui)
+            _more_settings(cfg, c, ui)
         with gr.Column(scale=2):
-            with gr.Row():
-                train_btn = gr.Button("Train", variant="primary", elem_id="train-button", scale=3)
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1, interactive=False)
-                resume_btn = gr.Button("Resume", elem_id="resume-button", scale=1, interactive=False)
-            form_check = gr.Markdown("", elem_id="form-check")
-            message = gr.Markdown("", elem_id="train-message", label="message")
-            ctx.train_message = message
-            form_ok = gr.State(True)     # this page's form passes the checks (Train may start)
-            seen = gr.State("")          # the job state this page last drew (a change clears old messages)
-            progress = gr.Markdown("", elem_id="progress", label="progress")
-            loss_plot = gr.LinePlot(x="update", y="value", color="series", title="Loss", height=320, label="loss",
-                                    color_map=SERIES_COLORS,
-                                    x_title="weight update", y_title="loss", elem_id="loss-plot")
-            lr_plot = gr.LinePlot(x="update", y="lr", color="series", title="Learning rate", height=220,
-                                  color_map=SERIES_COLORS,
-                                  label="learning rate",
-                                  x_title="weight update", elem_id="lr-plot")
-            gr.Markdown(PLOT_KEY, elem_id="plot-key")
-            previews = gr.Gallery(label="Latest previews (update · prompt · seed)", columns=4, height=260,
-                                  object_fit="contain", elem_id="previews")
-            run_dir = gr.Textbox(label="Run folder", interactive=False, elem_id="run-dir")
-            files = gr.File(label="Files written", file_count="multiple", interactive=False, elem_id="run-files")
-            with gr.Accordion("Run summary", open=False):
-                summary = gr.Code(label="Running training", language=None, interactive=False, wrap_lines=True)
-            with gr.Accordion("Run history", open=False):
-                refresh_hist = gr.Button("Refresh", size="sm")
-                history = gr.Markdown(history_markdown(history_frame(ctx.jobs)), elem_id="history",
-                                      label="Run history")
-                resume_pick = gr.Dropdown([], label="Run to resume / open", allow_custom_value=False)
+            _status_column(ctx, ui)
     ctx.train.update(c)
+    ctx.train_message = ui["message"]
+    _wire_checks(ctx, c, ui)
+    _wire_jobs(ctx, c, ui)
+    _wire_poll(ctx, ui)
+    _wire_settings_and_load(ctx, c, ui)
+
+
+def _model_and_data(cfg, c: dict, ui: dict) -> None:
+    with gr.Row():
+        c["model"] = gr.Textbox(cfg.model, label="Model", scale=4,
+                                info="'demo' (built in), a diffusers folder, or a .safetensors/.ckpt file")
+        ui["load_btn"] = gr.Button("Load", scale=1, size="sm")
+    ui["model_info"] = gr.Markdown("", elem_id="model-info", label="model")
+    ui["check_model"] = gr.Markdown("", elem_id="check-model")
+    with gr.Row():
+        c["data"] = gr.Textbox(cfg.data, label="Dataset folder", scale=4,
+                               info="images (png/jpg/webp/bmp) with optional caption .txt files")
+    ui["data_info"] = gr.Markdown("", elem_id="data-info")
+    ui["check_data"] = gr.Markdown("", elem_id="check-data")
+    ui["thumbs"] = gr.Gallery(label="Dataset", columns=8, height=120, allow_preview=False, show_label=False)
+    with gr.Row():
+        c["name"] = gr.Textbox(cfg.name, label="Embedding name", info="also the word you write in prompts")
+        c["init_text"] = gr.Textbox(cfg.init_text, label="Initialization text")
+        c["vectors"] = gr.Number(cfg.vectors, label="Vectors per token", precision=0, minimum=1, maximum=75)
+        c["template"] = gr.Dropdown(list(TEMPLATES), value=cfg.template, label="Prompt template",
+                                    allow_custom_value=True)
+    ui["check_name"] = gr.Markdown("", elem_id="check-name")
+
+
+def _length_and_lr(cfg, c: dict, ui: dict) -> None:
+    with gr.Row():
+        c["batch_size"] = gr.Number(cfg.batch_size, label="Batch size", precision=0, minimum=1,
+                                    info=INFO["batch_size"])
+        c["grad_accum"] = gr.Number(cfg.grad_accum, label="Gradient accumulation steps", precision=0,
+                                    minimum=1, info=INFO["grad_accum"])
+        c["steps"] = gr.Number(cfg.steps, label="Max steps", precision=0, minimum=1, info=INFO["steps"])
+        c["step_unit"] = gr.Radio(list(STEP_UNITS), value=cfg.step_unit, label="Steps count",
+                                  info=INFO["step_unit"])
+    ui["derived"] = gr.Markdown("", elem_id="derived", elem_classes="et-derived")
+    ui["check_plan"] = gr.Markdown("", elem_id="check-plan")
+    with gr.Row():
+        c["lr"] = gr.Textbox(str(cfg.lr), label="Learning rate", info=INFO["lr"])
+        c["lr_schedule"] = gr.Dropdown(SCHEDULES, value=cfg.lr_schedule, label="LR schedule")
+        c["optimizer"] = gr.Dropdown(list(OPTIMIZERS), value=cfg.optimizer, label="Optimizer",
+                                     info="dadapt_adam / prodigy / schedulefree_adamw find their own "
+                                          "step size (use LR 1.0)")
+    with gr.Accordion("Schedule parameters", open=False):
+        with gr.Row():
+            c["lr_piecewise"] = gr.Textbox(cfg.lr_piecewise, label="Piecewise (A1111 syntax)",
+                                           placeholder="0.005:100, 1e-3:1000, 1e-5")
+            c["lr_warmup"] = gr.Number(cfg.lr_warmup, label="Warmup (updates)", precision=0, minimum=0)
+            c["lr_min"] = gr.Number(cfg.lr_min, label="Min LR (end of decay / bottom of cycle)", minimum=0)
+        with gr.Row():
+            c["lr_cycles"] = gr.Number(cfg.lr_cycles, label="Cycles", minimum=0)
+            c["lr_step_size"] = gr.Number(cfg.lr_step_size, label="Cycle step size (updates per half "
+                                          "cycle, 0 = derive)", precision=0, minimum=0)
+            c["lr_step_size_epochs"] = gr.Number(cfg.lr_step_size_epochs, label="Step size as k x epoch",
+                                                 minimum=0)
+            c["lr_cycle_start"] = gr.Radio(["low", "high"], value=cfg.lr_cycle_start, label="Cycle starts")
+        with gr.Row():   # every schedule field is reachable from the page (exp_range ran as triangular)
+            c["lr_power"] = gr.Number(cfg.lr_power, label="Polynomial power", minimum=0,
+                                      info="polynomial: 1 = linear decay")
+            c["lr_gamma"] = gr.Number(cfg.lr_gamma, label="exp_range gamma", minimum=0,
+                                      info="amplitude x gamma^update; 1 = triangular")
+            c["lr_cycle_decay"] = gr.Textbox(cfg.lr_cycle_decay, label="Stepped top: cycles per stage",
+                                             placeholder="3,2,1.5")
+            c["lr_decay_factor"] = gr.Number(cfg.lr_decay_factor, label="Stepped top: factor per stage",
+                                             minimum=0)
+            c["lr_extend"] = gr.Checkbox(cfg.lr_extend, label="Hold the last piecewise LR to the end",
+                                         info="instead of refusing a schedule shorter than the run")
+    ui["schedule_plot"] = gr.LinePlot(x="update", y="lr", title="Learning rate schedule (preview)", height=200,
+                                      x_title="weight update", y_title="learning rate")
+    ui["schedule_desc"] = gr.Markdown("")
+
+
+def _more_settings(cfg, c: dict, ui: dict) -> None:
+    with gr.Accordion("Validation, saving, previews, seed", open=False):
+        with gr.Row():
+            c["val_split"] = gr.Number(cfg.val_split, label="Validation split", minimum=0, maximum=0.9,
+                                       info=INFO["val_split"])
+            c["val_every"] = gr.Number(cfg.val_every, label="Validation every (updates)", precision=0, minimum=0)
+            c["save_every"] = gr.Number(cfg.save_every, label="Save a snapshot every (updates)", precision=0,
+                                        minimum=0)
+            c["preview_every"] = gr.Number(cfg.preview_every, label="Preview every (updates)", precision=0,
+                                           minimum=0)
+        with gr.Row():
+            c["preview_prompt"] = gr.Textbox(cfg.preview_prompt, label="Preview prompt")
+            c["seed"] = gr.Number(cfg.seed, label="Seed", precision=0)
+            c["resolution"] = gr.Number(cfg.resolution, label="Resolution (px)", precision=0, minimum=8, step=8)
+            c["flip"] = gr.Checkbox(cfg.flip, label="Random horizontal flip")
+            c["run_name"] = gr.Textbox("", label="Run folder name", placeholder="NAME-date-time")
+    with gr.Accordion("Settings file", open=False):
+        with gr.Row():
+            ui["save_cfg"] = gr.Button("Save settings as JSON", size="sm")
+            ui["cfg_file"] = gr.File(label="Settings JSON (download, or drop one here to load it)",
+                                     file_types=[".json"], elem_id="settings-file")
+
+
+def _status_column(ctx, ui: dict) -> None:
+    with gr.Row():
+        ui["train_btn"] = gr.Button("Train", variant="primary", elem_id="train-button", scale=3)
+        ui["stop_btn"] = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1, interactive=False)
+        ui["resume_btn"] = gr.Button("Resume", elem_id="resume-button", scale=1, interactive=False)
+    ui["form_check"] = gr.Markdown("", elem_id="form-check")
+    ui["message"] = gr.Markdown("", elem_id="train-message", label="message")
+    ui["form_ok"] = gr.State(True)     # this page's form passes the checks (Train may start)
+    ui["seen"] = gr.State("")          # the job state this page last drew (a change clears old messages)
+    ui["progress"] = gr.Markdown("", elem_id="progress", label="progress")
+    ui["loss_plot"] = gr.LinePlot(x="update", y="value", color="series", title="Loss", height=320, label="loss",
+                                  color_map=SERIES_COLORS, x_title="weight update", y_title="loss",
+                                  elem_id="loss-plot")
+    ui["lr_plot"] = gr.LinePlot(x="update", y="lr", color="series", title="Learning rate", height=220,
+                                color_map=SERIES_COLORS, label="learning rate", x_title="weight update",
+                                elem_id="lr-plot")
+    gr.Markdown(PLOT_KEY, elem_id="plot-key")
+    ui["previews"] = gr.Gallery(label="Latest previews (update · prompt · seed)", columns=4, height=260,
+                                object_fit="contain", elem_id="previews")
+    ui["run_dir"] = gr.Textbox(label="Run folder", interactive=False, elem_id="run-dir")
+    ui["files"] = gr.File(label="Files written", file_count="multiple", interactive=False, elem_id="run-files")
+    with gr.Accordion("Run summary", open=False):
+        ui["summary"] = gr.Code(label="Running training", language=None, interactive=False, wrap_lines=True)
+    with gr.Accordion("Run history", open=False):
+        ui["refresh_hist"] = gr.Button("Refresh", size="sm")
+        ui["history"] = gr.Markdown(history_markdown(history_frame(ctx.jobs)), elem_id="history",
+                                    label="Run history")
+        ui["resume_pick"] = gr.Dropdown([], label="Run to resume / open", allow_custom_value=False)
+
+
+def _values_of(args) -> dict:
+    return dict(zip(FIELDS, args))
+
+
+def _check_outputs(ui: dict) -> list:
+    return [ui["derived"], ui["schedule_plot"], ui["schedule_desc"], *(ui[f"check_{k}"] for k in CHECK_SLOTS),
+            ui["form_check"], ui["form_ok"]]
+
+
+def _checked(ctx, values: dict, labels: dict) -> tuple:
+    """What _check_outputs show for the form's values: derived numbers, schedule preview, problems."""
+    frame, desc = schedule_frame(ctx, values)
+    slots, bad = form_checks(ctx, values, labels)
+    told = f"Train is off until the form is fixed: {', '.join(bad)}" if bad else ""
+    return (derived_text(ctx, values) if not bad else "", frame, desc if not bad else "",
+            *(slots[k] for k in CHECK_SLOTS), told, not bad)
+
+
+def _wire_checks(ctx, c: dict, ui: dict) -> None:
+    """Before training: the checks, derived numbers and schedule preview on every change; dataset view; Load."""
     inputs = [c[k] for k in FIELDS]
-
-    def values_of(args) -> dict:
-        return dict(zip(FIELDS, args))
-
-    # ---- before training: derived numbers, schedule preview, dataset view
     labels = {k: comp.label for k, comp in c.items()}
-
-    def refresh_derived(*args):
-        v = values_of(args)
-        frame, desc = schedule_frame(ctx, v)
-        slots, bad = form_checks(ctx, v, labels)
-        summary_ = (f"Train is off until the form is fixed: {', '.join(bad)}" if bad else "")
-        return (derived_text(ctx, v) if not bad else "", frame, desc if not bad else "", *(slots[k] for k in CHECK_SLOTS),
-                summary_, not bad)
-
-    check_outputs = [derived, schedule_plot, schedule_desc, *(checks[k] for k in CHECK_SLOTS), form_check, form_ok]
-    gr.on([c[k].change for k in FIELDS], refresh_derived, inputs, check_outputs, show_progress="hidden",
-          api_visibility="private")
-    c["data"].change(lambda folder: dataset_view(folder, ctx), c["data"], [data_info, thumbs], show_progress="hidden",
-                     api_visibility="private")
+    gr.on([c[k].change for k in FIELDS], lambda *args: _checked(ctx, _values_of(args), labels), inputs,
+          _check_outputs(ui), show_progress="hidden", api_visibility="private")
+    c["data"].change(lambda folder: dataset_view(folder, ctx), c["data"], [ui["data_info"], ui["thumbs"]],
+                     show_progress="hidden", api_name="dataset_view", api_visibility="private")
 
     def load_model(source):
         from embedtrain import models
@@ -540,12 +567,14 @@ def build(ctx) -> None:
             return f"Error: {e}"
         return f"Loaded **{info.describe()}**"
 
-    load_btn.click(load_model, c["model"], model_info, api_name="load_model")
+    ui["load_btn"].click(load_model, c["model"], ui["model_info"], api_name="load_model")
 
-    # ---- jobs
+
+def _wire_jobs(ctx, c: dict, ui: dict) -> None:
+    """Train, Stop, Resume (also the API's /train, /stop, /resume)."""
     def start(*args):
         try:
-            run = ctx.jobs.start(form_config(ctx, values_of(args)))
+            run = ctx.jobs.start(form_config(ctx, _values_of(args)))
         except EmbedtrainError as e:
             return f"Error: {e}"
         return f"Started: `{run}`"
@@ -570,14 +599,16 @@ def build(ctx) -> None:
 
     # API callers see /train's parameters by their config names (model, data, name, ...), not param_0..28.
     api_parameters(start, FIELDS)
-    train_btn.click(start, inputs, message, api_name="train")
-    stop_btn.click(stop, None, message, api_name="stop")
-    resume_btn.click(resume, resume_pick, message, api_name="resume")
+    ui["train_btn"].click(start, [c[k] for k in FIELDS], ui["message"], api_name="train")
+    ui["stop_btn"].click(stop, None, ui["message"], api_name="stop")
+    ui["resume_btn"].click(resume, ui["resume_pick"], ui["message"], api_name="resume")
 
-    # Every open page polls once a second. They share one view per state of the run, and its heavy
-    # parts (plots, previews, files) are rebuilt at most every PLOT_REFRESH_S while a job runs: twenty
-    # open pages cost the job a few percent (bench/bench_polling.py). What differs per page (its form is
-    # valid, the job state it drew last) comes in as gr.State, which costs nothing to send.
+
+def _wire_poll(ctx, ui: dict) -> None:
+    """Every open page polls once a second. They share one view per state of the run, and its heavy
+    parts (plots, previews, files) are rebuilt at most every PLOT_REFRESH_S while a job runs: twenty
+    open pages cost the job a few percent (bench/bench_polling.py). What differs per page (its form is
+    valid, the job state it drew last) comes in as gr.State, which costs nothing to send."""
     view = {"key": None, "light": None, "heavy": None, "heavy_key": None, "built": 0.0, "history": None}
     view_lock = threading.Lock()
 
@@ -610,16 +641,15 @@ def build(ctx) -> None:
                 "" if changed and seen and not running else gr.skip(),   # "stopping ..." ends with the job
                 drawn)
 
-    timer = gr.Timer(1.0)
-    poll_outputs = [progress, loss_plot, lr_plot, previews, run_dir, files, summary, train_btn, stop_btn, resume_btn,
-                    history, resume_pick, message, seen]
-    timer.tick(poll, [form_ok, seen], poll_outputs, show_progress="hidden", api_name="status")
+    outputs = [ui[k] for k in ("progress", "loss_plot", "lr_plot", "previews", "run_dir", "files", "summary",
+                               "train_btn", "stop_btn", "resume_btn", "history", "resume_pick", "message", "seen")]
+    gr.Timer(1.0).tick(poll, [ui["form_ok"], ui["seen"]], outputs, show_progress="hidden", api_name="status")
 
     def refresh_history():
         frame = history_frame(ctx.jobs)
         return history_markdown(frame), gr.update(choices=list(frame["run"]))
 
-    refresh_hist.click(refresh_history, None, [history, resume_pick], api_visibility="private")
+    ui["refresh_hist"].click(refresh_history, None, [ui["history"], ui["resume_pick"]], api_visibility="private")
 
     def open_run(pick):
         if not pick:
@@ -631,12 +661,17 @@ def build(ctx) -> None:
         v = status_view(ctx.jobs.status(str(run)))
         return v["run"], ctx.servable(v["files"]) or None   # no symlink out of outputs, nothing but files
 
-    resume_pick.change(open_run, resume_pick, [run_dir, files], api_visibility="private")
+    ui["resume_pick"].change(open_run, ui["resume_pick"], [ui["run_dir"], ui["files"]], api_visibility="private")
 
-    # ---- settings JSON
+
+def _wire_settings_and_load(ctx, c: dict, ui: dict) -> None:
+    """The settings JSON (save / load), and the first paint of every page (open or reload)."""
+    inputs = [c[k] for k in FIELDS]
+    labels = {k: comp.label for k, comp in c.items()}
+
     def save_settings(*args):
         try:
-            cfg_ = form_config(ctx, values_of(args))
+            cfg_ = form_config(ctx, _values_of(args))
         except EmbedtrainError as e:
             return None, f"Error: {e}"
         folder = ctx.outputs / "configs"
@@ -655,19 +690,20 @@ def build(ctx) -> None:
             return [gr.update() for _ in FIELDS] + [f"Error: {e}"]
         return form_values(loaded) + [f"Loaded settings from {Path(path).name}"]
 
-    save_cfg.click(save_settings, inputs, [cfg_file, message], api_visibility="private")
-    cfg_file.upload(load_settings, cfg_file, inputs + [message], api_visibility="private")
+    ui["save_cfg"].click(save_settings, inputs, [ui["cfg_file"], ui["message"]], api_visibility="private")
+    ui["cfg_file"].upload(load_settings, ui["cfg_file"], inputs + [ui["message"]], api_visibility="private")
 
-    # ---- first paint (and every reload): derived numbers, schedule, dataset, history
     def on_load(*args):
         # A page opened while a job runs shows that job's settings, not the defaults.
         running = running_config(ctx.jobs)
         form = form_values(running) if running else [gr.update() for _ in FIELDS]
         if running:
             args = form
-        checked = refresh_derived(*args)
-        text, pics = dataset_view(values_of(args)["data"], ctx)
+        values = _values_of(args)
+        text, pics = dataset_view(values["data"], ctx)
         frame_h = history_frame(ctx.jobs)
-        return (*checked, text, pics, history_markdown(frame_h), gr.update(choices=list(frame_h["run"])), *form)
+        return (*_checked(ctx, values, labels), text, pics, history_markdown(frame_h),
+                gr.update(choices=list(frame_h["run"])), *form)
 
-    ctx.on_load.append((on_load, inputs, [*check_outputs, data_info, thumbs, history, resume_pick, *inputs]))
+    ctx.on_load.append((on_load, inputs, [*_check_outputs(ui), ui["data_info"], ui["thumbs"], ui["history"],
+                                          ui["resume_pick"], *inputs]))
