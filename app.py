@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+
+from embedtrain import ASSETS  # noqa: E402  (light: no torch, no gradio)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 MAX_UPLOAD = "20mb"
 
@@ -52,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
                    help="open a public gradio.live link (needs --auth, or --insecure); off unless given, even "
                         "where GRADIO_SHARE, Colab or Kaggle would turn it on")
     p.add_argument("--model", default="demo", help="default model: 'demo', a diffusers folder or a checkpoint")
-    p.add_argument("--data", default=str(ROOT / "assets" / "demo_dataset"),
+    p.add_argument("--data", default=str(ASSETS / "demo_dataset"),
                    help="default dataset folder (the page may read it)")
     p.add_argument("--allow-dir", action="append", default=[], metavar="FOLDER",
                    help="another folder whose datasets the page may read (repeat for more); besides it, the "
@@ -77,7 +79,6 @@ def main(argv=None) -> int:
         print("GRADIO_SHARE=true is ignored: no public link unless you pass --share (with --auth)", file=sys.stderr)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    sys.path.insert(0, str(ROOT))
     from embedtrain.__main__ import quiet_libraries
     quiet_libraries()   # the libraries' start-up notices say nothing about the user's run
     from embedtrain.ui.app import CSS, build_app
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     # share is always passed: left out, Gradio opens a public link by itself in Colab, Kaggle or with
     # GRADIO_SHARE=true, with no auth (the checks above would never have seen it).
     demo.launch(server_name=args.host, server_port=args.port, auth=auth, css=CSS, share=args.share,
-                allowed_paths=[str(ctx.outputs), str(ROOT / "assets")], max_file_size=MAX_UPLOAD,
+                allowed_paths=[str(ctx.outputs), str(ASSETS)], max_file_size=MAX_UPLOAD,
                 show_error=True, inbrowser=False, quiet=False)
     return 0
 

@@ -5,7 +5,27 @@ docs/guide.md explains for users why they matter and how the LR tools are read.
 Heavy libraries (torch, diffusers, gradio) are imported lazily by the modules that need them.
 """
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def _shared(folder: str) -> Path:
+    """A folder shipped beside the package: in a checkout it is the repository's (assets/, docs/); after
+    `pip install .` it lies under the install prefix's share/embedtrain/ (pyproject.toml's data-files)."""
+    import sys
+    checkout = Path(__file__).resolve().parent.parent / folder
+    if checkout.is_dir():
+        return checkout
+    for prefix in (Path(__file__).resolve().parents[4], Path(sys.prefix)):   # PREFIX/lib/pythonX.Y/site-packages/embedtrain
+        installed = prefix / "share" / "embedtrain" / folder
+        if installed.is_dir():
+            return installed
+    return checkout
+
+
+ASSETS = _shared("assets")   # demo model, demo dataset, prompt templates
+DOCS = _shared("docs")       # the guide
 
 
 class EmbedtrainError(ValueError):

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedtrain import EmbedtrainError
+from embedtrain import ASSETS, EmbedtrainError
 from embedtrain.calculator import split_counts
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -30,7 +30,7 @@ PREVIEW_MAX_PIXELS = 16_000_000
 # not a caption (a log, a misnamed file) and its image is skipped with the reason, never read whole.
 MAX_CAPTION_BYTES = 64 * 1024
 MAX_TEMPLATE_BYTES = 256 * 1024  # a template file: one prompt per line, a few dozen lines
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "assets" / "templates"
+TEMPLATE_DIR = ASSETS / "templates"
 
 
 class DataError(EmbedtrainError):

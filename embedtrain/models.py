@@ -12,10 +12,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedtrain import EmbedtrainError, shown
+from embedtrain import ASSETS, EmbedtrainError, shown
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO_MODEL = ROOT / "assets" / "demo_model"
+DEMO_MODEL = ASSETS / "demo_model"
 
 
 class ModelError(EmbedtrainError):

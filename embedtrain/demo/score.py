@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from embedtrain import EmbedtrainError
+from embedtrain import ASSETS, EmbedtrainError
 from embedtrain.config import model_cfg_scale
 from embedtrain.demo.world import (BACKGROUNDS, COLOURS, HELD_OUT, RESOLUTION, SHAPES, Spec,
                                    shape_mask)
 
-DEMO_MODEL = Path(__file__).resolve().parents[2] / "assets" / "demo_model"
+DEMO_MODEL = ASSETS / "demo_model"
 GRID = 24                    # side of the normalised shape mask
 MAX_SEEDS = 1000             # --n: seeds per prompt (the card's protocol uses CARD_SEEDS)
 SAMPLE_STEPS = 20            # the demo's default sampler steps

@@ -16,11 +16,9 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedtrain import EmbedtrainError
+from embedtrain import ASSETS, EmbedtrainError
 from embedtrain.ui.jobs import JobManager
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-ASSETS = ROOT / "assets"
 DEMO_DATASET = ASSETS / "demo_dataset"
 ALLOW_FLAG = "--allow-dir"
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from embedtrain.ui.context import ROOT
+from embedtrain import DOCS
 
-GUIDE = ROOT / "docs" / "guide.md"
+GUIDE = DOCS / "guide.md"
 
 
 def build(ctx) -> None:
