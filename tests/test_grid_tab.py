@@ -5,6 +5,7 @@ incompatible embedding, and sends a run's settings to the Train tab."""
 import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +164,37 @@ def test_grid_tab_renders_shows_errors_and_sends_settings(tmp_path, images):
         train.get_by_label(re.compile(r"^Batch size")).wait_for(state="visible", timeout=15_000)
         assert train.get_by_label(re.compile(r"^Batch size")).input_value() == "3"
         assert train.get_by_label(re.compile(r"^Gradient accumulation steps")).input_value() == "2"
+
+
+@pytest.mark.slow
+def test_a_grid_outlives_its_server_and_a_new_one_finds_it(tmp_path, images):
+    """The grid process ran on a pipe held by the web server: a restart killed it and no page could find
+    it. Now it writes its events to a file in its own session; a new server's Runner follows it to its
+    result, and a second render is refused meanwhile (one job at a time)."""
+    from embedtrain.ui.context import UIContext
+    from embedtrain.ui.grid_tab import Runner, grid_command
+    from embedtrain.ui.jobs import JobSlot
+    out = make_outputs(tmp_path, images)
+    ctx = UIContext(outputs=out, model="tiny", data=str(images))
+    argv, png = grid_command(ctx, {"model": "tiny", "picked": ["alpha-run/alpha.safetensors"], "extra": "",
+                                   "prompts": "a photo of {}\na {} on a red background", "seeds": "1-12",
+                                   "sample_steps": 4, "cfg_scale": 5, "sampler": "default", "baseline": "none"})
+    first = Runner(out)
+    events = first.stream(argv)
+    assert next(events)["event"] in ("progress", "done")   # it runs
+    events.close()          # the page and its server go away; the process does not
+    first.proc = None
+    later = Runner(out)     # a restarted server
+    deadline, seen_running = time.time() + 240, False
+    while time.time() < deadline:
+        view = later.job_view()
+        if view["state"] == "running":
+            seen_running = True
+            with pytest.raises(Exception, match="already running"):
+                list(later.stream(argv))
+        if view["state"] in ("done", "failed"):
+            break
+        time.sleep(0.2)
+    assert view["state"] == "done", view
+    assert Path(view["event"]["grid"]) == png and png.is_file()
+    assert seen_running or JobSlot(out).running() is None

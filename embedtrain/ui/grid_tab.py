@@ -10,7 +10,6 @@ settings_of) are tested without a browser.
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from embedtrain.fileio import is_embedding_file
 from embedtrain.grid import (DEFAULT_PROMPTS, SAMPLERS, GridError, GridSettings, parse_pair, default_out,
                              parse_prompts, parse_seeds)
 from embedtrain.ui.context import api_parameters
-from embedtrain.ui.jobs import JobSlot, launch, tail
+from embedtrain.ui.jobs import JobSlot, job_alive, launch, tail
 
 BASELINES = ["none", "init text", "no embedding", "this text"]
 # The Train tab inputs "Use these settings" fills from a run's config.json (those that exist are used).
@@ -168,7 +167,11 @@ def settings_of(ctx, picked) -> dict:
 
 # ------------------------------------------------------------------ the render process
 class Runner:
-    """One grid or study process at a time per server; its JSON lines come back as events."""
+    """One grid or study process at a time (per outputs folder, with the other jobs: JobSlot).
+
+    The process runs in its own session and writes its JSON events to grids/.job-events.jsonl (stderr to
+    grids/.last-render.log), so it outlives a restarted web server, and a page opened later (or after the
+    restart) finds it through `job_view` and follows the same file."""
 
     def __init__(self, outputs: Path):
         self.outputs = Path(outputs)
@@ -176,6 +179,8 @@ class Runner:
         self.finished = False   # the running process has sent its result
         self.lock = threading.Lock()
         self.slot = JobSlot(outputs)   # one job of any kind at a time per outputs folder
+        self.events = self.outputs / "grids" / ".job-events.jsonl"
+        self.log = self.outputs / "grids" / ".last-render.log"
 
     def stream(self, argv: list[str]):
         """Start `python -m embedtrain ARGV` and yield its JSON events until its result is in.
@@ -190,13 +195,12 @@ class Runner:
                     raise GridError("a grid or study is already running; wait for it or press Stop")
                 self.proc.kill()     # its result is already in: it is only tearing down
                 self.proc.wait()
-            log_path = self.outputs / "grids" / ".last-render.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.events.parent.mkdir(parents=True, exist_ok=True)
 
             def spawn():
-                with open(log_path, "wb") as log:
-                    self.proc = launch(argv, stdout=subprocess.PIPE, stderr=log, detach=False)
-                return self.proc, {"name": argv[0], "argv": argv, "group": False}
+                with open(self.events, "wb") as out, open(self.log, "wb") as err:
+                    self.proc = launch(argv, stdout=out, stderr=err)
+                return self.proc, {"name": argv[0], "argv": argv}
 
             try:
                 self.slot.start("grid", spawn)
@@ -204,19 +208,15 @@ class Runner:
                 raise GridError(str(e)) from None
             proc = self.proc
             self.finished = False
-        for line in proc.stdout:
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for ev in follow_events(self.events, lambda: proc.poll() is None):
             if ev.get("event") in ("done", "error"):
                 self.finished = True
-                threading.Thread(target=_reap, args=(proc,), daemon=True).start()
-                yield ev
-                return
+                threading.Thread(target=proc.wait, daemon=True).start()
             yield ev
-        rc = _reap(proc)
-        last = tail(log_path, 1500)
+            if ev.get("event") in ("done", "error"):
+                return
+        rc = proc.wait()
+        last = tail(self.log, 1500)
         yield {"event": "error", "message": f"the render process ended with code {rc}"
                + (" (stopped)" if rc < 0 else "") + (f". Last output:\n{last}" if last.strip() else "")}
 
@@ -227,15 +227,51 @@ class Runner:
         job = self.slot.record("grid")   # started by an earlier server on this folder
         return "stopped" if job and self.slot.signal(job) else "nothing is rendering"
 
+    def job_view(self) -> dict:
+        """The last grid or study job as a page opened now sees it: running (with its latest progress
+        line), finished (its result event), failed, or none. For pages that did not start it."""
+        job = self.slot.record("grid")
+        if not job:
+            return {"state": "none"}
+        events = list(follow_events(self.events, lambda: False))
+        last = events[-1] if events else {}
+        if job_alive(job) and last.get("event") not in ("done", "error"):
+            what = "study" if job.get("name") == "study" else "grid"
+            text = _progress_text(last) if last.get("event") == "progress" else "starting"
+            return {"state": "running", "text": f"A {what} is running (started "
+                    f"{time.strftime('%H:%M:%S', time.localtime(job.get('started', 0)))}): {text}"}
+        if last.get("event") == "done":
+            return {"state": "done", "event": last}
+        return {"state": "failed", "text": last.get("message") or tail(self.log, 1500)}
 
-def _reap(proc, timeout: float = 30.0) -> int:
-    """Wait for a process to exit (killing it after `timeout` seconds); its exit code."""
-    try:
-        proc.stdout.close()
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+
+def follow_events(path: Path, alive, poll_s: float = 0.1):
+    """The JSON events written to `path`, one per complete line, as they come; ends at a `done` or `error`
+    event, or once `alive()` is false and nothing more is in the file."""
+    pos, pending = 0, b""
+    while True:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(pos)
+                chunk = fh.read()
+        except FileNotFoundError:
+            chunk = b""
+        pos += len(chunk)
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            try:
+                ev = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(ev, dict):
+                yield ev
+                if ev.get("event") in ("done", "error"):
+                    return
+        if not chunk and not alive():
+            return
+        if not chunk:
+            time.sleep(poll_s)
 
 
 def _progress_text(ev: dict) -> str:
@@ -317,7 +353,8 @@ def _results() -> dict:
             "download": gr.File(label="Download", file_count="multiple", interactive=False, elem_id="grid-file"),
             "pairs": gr.Gallery(label="Study: pairwise comparisons", columns=2, height=320, visible=False,
                                 elem_id="grid-pairs"),
-            "table": gr.Dataframe(label="Study: runs", interactive=False, visible=False, elem_id="grid-table")}
+            "table": gr.Dataframe(label="Study: runs", interactive=False, visible=False, elem_id="grid-table"),
+            "timer": gr.Timer(1.0, active=False)}   # follows a job this page did not start (job_view)
 
 
 def build(ctx) -> None:
@@ -332,6 +369,18 @@ def build(ctx) -> None:
             out = _results()
     _wire_render(ctx, runner, grid, study, out)
     _wire_use(ctx, grid, out)
+
+
+def _grid_result(ctx, done: dict) -> tuple:
+    """(status, image, files) for a finished grid's or study's `done` event."""
+    grid = Path(done["grid"])
+    if "pairs" in done:   # a study
+        return (f"Study written to `{Path(done['folder']).relative_to(ctx.outputs)}/`", str(grid),
+                ctx.servable([done["grid"], done["table"], *done["pairs"].values()]))
+    cells = sorted(Path(done["folder"]).glob("*.png"))
+    return (f"Wrote `{grid.relative_to(ctx.outputs)}`: {done['cells']} cells in {done['seconds']} s (plus the "
+            f"model load); the cells are in `{Path(done['folder']).relative_to(ctx.outputs)}/`",
+            str(grid), ctx.servable([done["grid"], *map(str, cells)]))
 
 
 def _follow(runner: Runner, argv, progress):
@@ -367,14 +416,7 @@ def _wire_render(ctx, runner: Runner, grid: dict, study_ui: dict, out: dict) -> 
         try:
             argv, _ = grid_command(ctx, v)
             for text, done in _follow(runner, argv, progress):
-                if done is None:
-                    yield text, gr.update(), gr.update()
-                else:
-                    cells = sorted(Path(done["folder"]).glob("*.png"))
-                    yield (f"Wrote `{Path(done['grid']).relative_to(ctx.outputs)}`: {done['cells']} cells in "
-                           f"{done['seconds']} s (plus the model load); the cells are in "
-                           f"`{Path(done['folder']).relative_to(ctx.outputs)}/`",
-                           done["grid"], ctx.servable([done["grid"], *map(str, cells)]))
+                yield (text, gr.update(), gr.update()) if done is None else _grid_result(ctx, done)
         except (EmbedtrainError, ValueError) as e:
             yield f"**Error:** {e}", gr.update(), gr.update()
 
@@ -395,9 +437,8 @@ def _wire_render(ctx, runner: Runner, grid: dict, study_ui: dict, out: dict) -> 
                 import pandas as pd
                 frame = pd.read_csv(done["table"], dtype=str, keep_default_na=False)
                 pair_items = [(p, name) for name, p in done["pairs"].items()]
-                files = ctx.servable([done["grid"], done["table"], *done["pairs"].values()])
-                yield (f"Study written to `{Path(done['folder']).relative_to(ctx.outputs)}/`", done["grid"], files,
-                       gr.update(value=pair_items, visible=True), gr.update(value=frame, visible=True))
+                yield (*_grid_result(ctx, done), gr.update(value=pair_items, visible=True),
+                       gr.update(value=frame, visible=True))
         except (EmbedtrainError, ValueError) as e:
             yield (f"**Error:** {e}", *keep)
 
@@ -406,6 +447,22 @@ def _wire_render(ctx, runner: Runner, grid: dict, study_ui: dict, out: dict) -> 
                                 api_name="study", concurrency_limit=1)
     # on (re)load only the choices change: what the user ticks meanwhile is kept
     ctx.on_load.append((lambda: gr.update(choices=embedding_choices(ctx.outputs)), None, grid["picked"]))
+
+    # A grid or study started by another page, or before the server restarted: follow it until its result.
+    def follow_other(on_load: bool):
+        v = runner.job_view()
+        if v["state"] == "running":
+            return v["text"], gr.skip(), gr.skip(), gr.Timer(active=True)
+        if on_load:   # an old result or error is not news on every reload
+            return gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False)
+        if v["state"] == "done":
+            return (*_grid_result(ctx, v["event"]), gr.Timer(active=False))
+        return f"**Error:** {v.get('text', 'the grid ended without a result')}", gr.skip(), gr.skip(), \
+            gr.Timer(active=False)
+
+    watch = [status, image, download, out["timer"]]
+    out["timer"].tick(lambda: follow_other(False), None, watch, show_progress="hidden", api_visibility="private")
+    ctx.on_load.append((lambda: follow_other(True), None, watch))
 
 
 def _wire_use(ctx, grid: dict, out: dict) -> None:
