@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from embedtrain import EmbedtrainError, __version__, shown
 from embedtrain.calculator import derive
@@ -47,6 +48,34 @@ class RunResult:
     val_loss: float | None
     files: list[Path] = field(default_factory=list)
     message: str = ""
+    warnings: list[str] = field(default_factory=list)   # the sentences shown before the run started
+
+
+@dataclass
+class _RunState:
+    """What one run changes, in one place: Trainer._prepare_run makes it, each step of the loop reads and
+    updates it, Trainer._finish turns it into the RunResult."""
+    run_dir: Path
+    main: bool                       # rank 0: the process that writes files and logs
+    schedule: Any                    # u -> LR of weight update u + 1
+    optimizer: Any
+    events: _EventSink
+    log: _CsvLog
+    stop: Any                        # () -> True asks for a graceful stop, or None
+    update: int                      # weight updates made (and kept)
+    batch: int                       # global batches consumed, fp16 retries included
+    u_start: int                     # the update this run started (or resumed) from
+    good: Any                        # the last vectors known to give a finite loss
+    t_start: float
+    scaler: Any = None               # fp16's loss scaler, else None
+    bar: Any = None                  # the progress bar, else None
+    loss: float | None = None        # the last update's loss (logged, and the NaN check)
+    val_loss: float | None = None    # the last update's validation loss, None when not measured at it
+    overflows: int = 0               # fp16 retries in this run
+    overflows_at_update: int = 0     # ... before the current update
+    status: str = "finished"         # finished | stopped | failed
+    message: str = ""
+    files: list[Path] = field(default_factory=list)
 
 
 def _seed_for(*parts) -> int:
@@ -63,6 +92,11 @@ class Trainer:
 
         self.cfg = cfg.validate()
         self.log = log
+        # The last run's schedule in words and the sentences shown before it (Trainer._prepare_run sets them;
+        # summary() prints them, the LR finder reads the warnings).
+        self.schedule_description = ""
+        self.warnings: list[str] = []
+        self._ids: dict = {}   # token ids per prompt (token_ids)
         self.state = _dist_state(cfg.device)
         self.rank, self.world = self.state["rank"], self.state["world"]
         self.device = self.state["device"] or models.resolve_device(cfg.device)
@@ -154,7 +188,7 @@ class Trainer:
         A run's prompts come from a few templates x the captions, so after the first epoch the
         tokenizer (pure Python, ~0.1-1 ms per prompt) is not called again."""
         import torch
-        cache = self.__dict__.setdefault("_ids", {})
+        cache = self._ids
         missing = list(dict.fromkeys(p for p in prompts if p not in cache))
         if missing:
             if len(cache) + len(missing) > 20000:   # unbounded captions (e.g. random ones): keep memory flat
@@ -338,14 +372,30 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self, run_dir, on_event=None, schedule=None, resume: bool = False, stop=None) -> RunResult:
         """Train into `run_dir`. `schedule(u) -> lr` overrides the config's (used by the LR finder).
-        `stop()` -> True asks for a graceful stop (the CLI sets it on SIGINT; the UI via a STOP file)."""
-        import torch
+        `stop()` -> True asks for a graceful stop (the CLI sets it on SIGINT; the UI via a STOP file).
 
-        from embedtrain import data, embedding, optimizers
+        One weight update after another: the update itself (its GA micro-batches, the fp16 retry, the
+        rollback on a non-finite value, the optimizer step), then what follows it (validation, the log row,
+        snapshots, previews, the stop check); at the end the final files. What a run changes lives in one
+        _RunState."""
+        st = self._prepare_run(Path(run_dir), on_event, schedule, resume, stop)
+        while st.update < self.plan.weight_updates:
+            done = self._weight_update(st)
+            if done == "retry":      # fp16: the scaled gradient overflowed; the same update again
+                continue
+            if done == "failed":     # st.status and st.message say why; the last good vectors are back
+                break
+            if self._after_update(st):
+                break                # stopped on request
+        return self._finish(st)
+
+    def _prepare_run(self, run_dir: Path, on_event, schedule, resume: bool, stop) -> _RunState:
+        """The schedule and its warnings, the optimizer (and on resume its state), the run folder's first
+        files, the start event and the log: the state of a run about to make its first update."""
+        from embedtrain import data, optimizers
         from embedtrain.schedules import describe, from_config
 
         cfg, plan, main = self.cfg, self.plan, self.rank == 0
-        run_dir = Path(run_dir)
         if schedule is None:
             schedule = from_config(cfg, plan)
             self.schedule_description = describe(schedule)
@@ -360,9 +410,7 @@ class Trainer:
         vectors = self.token.vectors
         vectors.grad = None  # an earlier run on this Trainer (a sweep candidate) may have ended mid-update
         optimizer = optimizers.make_optimizer(cfg.optimizer, [vectors], cfg)
-        update, batch = 0, 0
-        if resume:
-            update, batch = self._load_resume(run_dir, optimizer)
+        update, batch = self._load_resume(run_dir, optimizer) if resume else (0, 0)
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             if resume:   # a killed save leaves its temp file behind; the good files beside it are intact
@@ -377,159 +425,221 @@ class Trainer:
         events.emit("start", summary=self.summary(), weight_updates=plan.weight_updates, batches=plan.batches,
                     resume_from=update, images=self.images, warnings=self.warnings)
         log = _CsvLog(run_dir / "log.csv", enabled=main, keep_until=update if resume else None)
-
-        good = vectors.detach().clone()   # last vectors known to give a finite loss
-        loss_value = val_loss = None
-        status, message, files = "finished", "", []
-        t_start, u_start = time.perf_counter(), update
+        st = _RunState(run_dir=run_dir, main=main, schedule=schedule, optimizer=optimizer, events=events, log=log,
+                       stop=stop, update=update, batch=batch, u_start=update, good=vectors.detach().clone(),
+                       t_start=time.perf_counter())
         optimizers.set_mode(optimizer, True)
-        scaler = self.grad_scaler()
-        overflows = overflows_at_update = 0
-        bar = _progress(plan.weight_updates, update, main)
-        while update < plan.weight_updates:
-            # 1. the learning rate is a pure function of the update index
-            for group in optimizer.param_groups:
-                group["lr"] = schedule(update)
-            # 2. GA micro-batches, each loss / GA, gradients summed into the new vectors only
-            loss_sum = torch.zeros((), device=self.device)
-            for _ in range(cfg.grad_accum):
-                latents, noise, timesteps, prompts = self.batch_inputs(batch)
-                loss = self._loss(latents, noise, timesteps, prompts) / cfg.grad_accum
-                (loss if scaler is None else scaler.scale(loss)).backward()
-                loss_sum += loss.detach()
-                batch += 1
-            # 3. average across processes (no DDP wrapper: the only parameter is this tiny tensor)
-            if self.world > 1:
-                torch.distributed.all_reduce(vectors.grad)
-                vectors.grad /= self.world
-                torch.distributed.all_reduce(loss_sum)
-                loss_sum /= self.world
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            loss_value = float(loss_sum)  # the one host sync per update: logging and the NaN check need it
-            if scaler is not None and math.isfinite(loss_value) and not torch.isfinite(vectors.grad).all():
-                # fp16: the scaled gradient overflowed. Not a failure: the scaler halves its scale and the
-                # update is made again on the next batch (the LR stays that of this update index).
-                overflows += 1
-                if overflows - overflows_at_update <= MAX_FP16_OVERFLOWS:
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                # else the scale collapsed: the gradient itself is not finite, a failure as in fp32
-            if not math.isfinite(loss_value) or not torch.isfinite(vectors.grad).all():
-                if math.isfinite(loss_value):  # these vectors gave a finite loss; only their gradient is bad
-                    kept, what = update, "the gradient became NaN or infinite"
-                else:  # these vectors gave a non-finite loss: back to the last ones that did not
-                    with torch.no_grad():
-                        vectors.copy_(good)
-                    kept, what = (update if update == u_start else update - 1), f"loss became {loss_value}"
-                status, message = "failed", (f"{what} at update {update + 1}; stopped and kept "
-                                             f"the last good embedding (from update {kept}). Lower the LR or "
-                                             "enable gradient clipping.")
-                batch -= (update + 1 - kept) * cfg.grad_accum  # so the saved metadata matches the kept vectors
-                update = kept
-                break
-            good.copy_(vectors.detach())
-            # 4. clip, step, clear
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([vectors], cfg.max_grad_norm)
-            if cfg.clip_grad_value > 0:
-                torch.nn.utils.clip_grad_value_([vectors], cfg.clip_grad_value)
-            try:
-                if scaler is None:
-                    optimizer.step()
-                else:
-                    scaler.step(optimizer)
-                    scaler.update()
-            except (RuntimeError, OverflowError, ValueError) as e:
-                # e.g. AdamW at LR >= ~3.4e38: "value cannot be converted to type float without overflow".
-                # The step may have half-run: the vectors go back to the last good ones, as for a NaN.
-                with torch.no_grad():
-                    vectors.copy_(good)
-                status, message = "failed", (f"weight update {update + 1} failed in the optimizer step at LR "
-                                             f"{schedule(update):.3g} ({_step_error(e)}); stopped and kept the last "
-                                             f"good embedding (from update {update}). Lower the LR.")
-                batch -= cfg.grad_accum  # so the saved metadata matches the kept vectors
-                optimizer.zero_grad(set_to_none=True)
-                break
+        st.scaler = self.grad_scaler()
+        st.bar = _progress(plan.weight_updates, update, main)
+        return st
+
+    def _weight_update(self, st: _RunState) -> str:
+        """Weight update st.update + 1: "done" (st.update counts it), "retry" (fp16 overflow: the scale
+        was lowered and the update is made again on the next batches) or "failed" (st.status says why)."""
+        for group in st.optimizer.param_groups:   # the learning rate is a pure function of the update index
+            group["lr"] = st.schedule(st.update)
+        self._accumulate(st)
+        if self._fp16_overflowed(st):
+            return "retry"
+        if self._reject_non_finite(st):
+            return "failed"
+        st.good.copy_(self.token.vectors.detach())
+        if not self._step(st):
+            return "failed"
+        st.update += 1
+        return "done"
+
+    def _accumulate(self, st: _RunState) -> None:
+        """GA micro-batches, each loss / GA, gradients summed into the new vectors only, then averaged
+        across processes; sets st.loss (the one host sync per update: logging and the NaN check need it)."""
+        import torch
+        cfg, vectors, scaler = self.cfg, self.token.vectors, st.scaler
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(cfg.grad_accum):
+            latents, noise, timesteps, prompts = self.batch_inputs(st.batch)
+            loss = self._loss(latents, noise, timesteps, prompts) / cfg.grad_accum
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            loss_sum += loss.detach()
+            st.batch += 1
+        if self.world > 1:  # no DDP wrapper: the only parameter is this tiny tensor
+            torch.distributed.all_reduce(vectors.grad)
+            vectors.grad /= self.world
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= self.world
+        if scaler is not None:
+            scaler.unscale_(st.optimizer)
+        st.loss = float(loss_sum)
+
+    def _fp16_overflowed(self, st: _RunState) -> bool:
+        """fp16: the scaled gradient overflowed. Not a failure: the scaler halves its scale and the update is
+        made again on the next batch (the LR stays that of this update index). Past MAX_FP16_OVERFLOWS
+        retries of one update the scale has collapsed: False, and the gradient counts as not finite."""
+        import torch
+        if st.scaler is None or not math.isfinite(st.loss) or torch.isfinite(self.token.vectors.grad).all():
+            return False
+        st.overflows += 1
+        if st.overflows - st.overflows_at_update > MAX_FP16_OVERFLOWS:
+            return False
+        st.scaler.update()
+        st.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def _reject_non_finite(self, st: _RunState) -> bool:
+        """A non-finite loss or gradient ends the run: True, with the vectors, update and batch counts back
+        at the last good ones (so the saved metadata matches the kept vectors)."""
+        import torch
+        vectors, update = self.token.vectors, st.update
+        if math.isfinite(st.loss) and torch.isfinite(vectors.grad).all():
+            return False
+        if math.isfinite(st.loss):  # these vectors gave a finite loss; only their gradient is bad
+            kept, what = update, "the gradient became NaN or infinite"
+        else:  # these vectors gave a non-finite loss: back to the last ones that did not
+            with torch.no_grad():
+                vectors.copy_(st.good)
+            kept, what = (update if update == st.u_start else update - 1), f"loss became {st.loss}"
+        st.status, st.message = "failed", (f"{what} at update {update + 1}; stopped and kept the last good "
+                                           f"embedding (from update {kept}). Lower the LR or enable gradient "
+                                           "clipping.")
+        st.batch -= (update + 1 - kept) * self.cfg.grad_accum
+        st.update = kept
+        return True
+
+    def _step(self, st: _RunState) -> bool:
+        """Clip, step, clear. False when the step failed or made the vectors non-finite: the vectors are
+        then back at the last good ones, and st.status and st.message say why."""
+        import torch
+        cfg, vectors, optimizer, scaler, update = self.cfg, self.token.vectors, st.optimizer, st.scaler, st.update
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([vectors], cfg.max_grad_norm)
+        if cfg.clip_grad_value > 0:
+            torch.nn.utils.clip_grad_value_([vectors], cfg.clip_grad_value)
+        try:
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+        except (RuntimeError, OverflowError, ValueError) as e:
+            # e.g. AdamW at LR >= ~3.4e38: "value cannot be converted to type float without overflow".
+            # The step may have half-run: the vectors go back to the last good ones, as for a NaN.
+            why = (f"weight update {update + 1} failed in the optimizer step at LR {st.schedule(update):.3g} "
+                   f"({_step_error(e)}); stopped and kept the last good embedding (from update {update}). "
+                   "Lower the LR.")
             optimizer.zero_grad(set_to_none=True)
-            overflows_at_update = overflows
-            if not torch.isfinite(vectors).all():  # a step can overflow even from a finite gradient
-                with torch.no_grad():
-                    vectors.copy_(good)
-                status, message = "failed", (f"weight update {update + 1} made the vectors NaN or infinite; stopped "
-                                             f"and kept the last good embedding (from update {update}). Lower the "
-                                             "LR or enable gradient clipping.")
-                batch -= cfg.grad_accum  # so the saved metadata matches the kept vectors
-                break
-            update += 1
-            # 5. bookkeeping: validation, log row, event, snapshots, previews
-            val_loss = val_train = None
-            is_last = update == plan.weight_updates
-            if main and (self.val_samples or cfg.val_train_subset) and (
-                    (cfg.val_every and update % cfg.val_every == 0) or is_last):
-                optimizers.set_mode(optimizer, False)
-                val_loss = self.fixed_loss("val")
-                val_train = self.fixed_loss("train") if cfg.val_train_subset else None
-                optimizers.set_mode(optimizer, True)
-            elapsed = time.perf_counter() - t_start
-            rate = (update - u_start) / elapsed if elapsed > 0 else 0.0
-            images_seen = batch * cfg.batch_size * self.world
-            row = dict(update=update, batch=batch, epoch=round(images_seen / self.images, 4), images_seen=images_seen,
-                       loss=round(loss_value, 6), val_loss=_r(val_loss), val_train_loss=_r(val_train),
-                       lr=schedule(update - 1), effective_lr=optimizers.effective_lr(optimizer),
-                       time_s=round(elapsed, 3))
-            if update % cfg.log_every == 0 or is_last or val_loss is not None:
-                log.write(row)
-            events.emit("update", **row, weight_updates=plan.weight_updates,
-                        eta_s=round((plan.weight_updates - update) / rate, 1) if rate else None)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{row['lr']:.2e}")
-            if main and not is_last and cfg.save_every and update % cfg.save_every == 0:
-                optimizers.set_mode(optimizer, False)
-                snap = run_dir / f"{cfg.name}-{update}.safetensors"
-                embedding.save_embedding(snap, vectors, cfg.name, self.metadata(update, batch, loss_value, val_loss))
-                self._save_resume(run_dir, optimizer, update, batch)
-                optimizers.set_mode(optimizer, True)
-                events.emit("save", update=update, path=str(snap))
-            if main and cfg.preview_every and (update % cfg.preview_every == 0 or is_last):
-                path = self.preview(run_dir / "previews" / f"{cfg.name}-{update}.png", update)
-                events.emit("preview", update=update, path=str(path))
-            if stop is not None and _agree(stop(), self.world) and not is_last:
-                status, message = "stopped", f"stopped at update {update} of {plan.weight_updates}; resume with " \
-                                             f"--resume {run_dir}"
-                break
-        if bar is not None:
-            bar.close()
-        if overflows and main:
-            self.log(f"  fp16 loss scaling: {overflows} update(s) redone after the scaled gradient overflowed "
-                     f"(final scale {scaler.get_scale():g})")
-        if self.world > 1:  # prove the processes agree: every one must hold the same vectors
-            gathered = [torch.zeros_like(vectors) for _ in range(self.world)]
-            torch.distributed.all_gather(gathered, vectors.detach().contiguous())
-            diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
-            events.emit("processes", world=self.world, identical=diff == 0.0, max_diff=diff)
-            if diff != 0.0:
-                status, message = "failed", f"the {self.world} processes hold different vectors (max diff {diff})"
-        # 6. final files: written from the last good vectors, atomically
-        if main:
-            optimizers.set_mode(optimizer, False)
-            meta = self.metadata(update, batch, loss_value, val_loss)
-            meta["status"] = status
+            return self._roll_back(st, why)
+        optimizer.zero_grad(set_to_none=True)
+        st.overflows_at_update = st.overflows
+        if not torch.isfinite(vectors).all():  # a step can overflow even from a finite gradient
+            return self._roll_back(st, f"weight update {update + 1} made the vectors NaN or infinite; stopped and "
+                                       f"kept the last good embedding (from update {update}). Lower the LR or "
+                                       "enable gradient clipping.")
+        return True
+
+    def _roll_back(self, st: _RunState, message: str) -> bool:
+        """The update st.update + 1 failed in or after its step: its vectors and batches are undone."""
+        import torch
+        with torch.no_grad():
+            self.token.vectors.copy_(st.good)
+        st.status, st.message = "failed", message
+        st.batch -= self.cfg.grad_accum  # so the saved metadata matches the kept vectors
+        return False
+
+    def _after_update(self, st: _RunState) -> bool:
+        """Bookkeeping after update st.update: validation, the log row, the event, snapshots, previews.
+        True when a stop was asked (and this was not the last update)."""
+        from embedtrain import optimizers
+        cfg, plan, update = self.cfg, self.plan, st.update
+        is_last = update == plan.weight_updates
+        st.val_loss = val_train = None
+        if st.main and (self.val_samples or cfg.val_train_subset) and (
+                (cfg.val_every and update % cfg.val_every == 0) or is_last):
+            optimizers.set_mode(st.optimizer, False)   # schedule-free: evaluate at the averaged point
+            st.val_loss = self.fixed_loss("val")
+            val_train = self.fixed_loss("train") if cfg.val_train_subset else None
+            optimizers.set_mode(st.optimizer, True)
+        elapsed = time.perf_counter() - st.t_start
+        row = self._log_row(st, val_train, elapsed)
+        if update % cfg.log_every == 0 or is_last or st.val_loss is not None:
+            st.log.write(row)
+        rate = (update - st.u_start) / elapsed if elapsed > 0 else 0.0
+        st.events.emit("update", **row, weight_updates=plan.weight_updates,
+                       eta_s=round((plan.weight_updates - update) / rate, 1) if rate else None)
+        if st.bar is not None:
+            st.bar.update(1)
+            st.bar.set_postfix(loss=f"{st.loss:.4f}", lr=f"{row['lr']:.2e}")
+        if st.main and not is_last and cfg.save_every and update % cfg.save_every == 0:
+            self._snapshot(st)
+        if st.main and cfg.preview_every and (update % cfg.preview_every == 0 or is_last):
+            path = self.preview(st.run_dir / "previews" / f"{cfg.name}-{update}.png", update)
+            st.events.emit("preview", update=update, path=str(path))
+        if st.stop is not None and _agree(st.stop(), self.world) and not is_last:
+            st.status, st.message = "stopped", (f"stopped at update {update} of {plan.weight_updates}; resume "
+                                                f"with --resume {st.run_dir}")
+            return True
+        return False
+
+    def _log_row(self, st: _RunState, val_train, elapsed: float) -> dict:
+        """The log.csv row (LOG_COLUMNS) of update st.update; also the fields of its "update" event."""
+        from embedtrain import optimizers
+        images_seen = st.batch * self.cfg.batch_size * self.world
+        return dict(update=st.update, batch=st.batch, epoch=round(images_seen / self.images, 4),
+                    images_seen=images_seen, loss=round(st.loss, 6), val_loss=_r(st.val_loss),
+                    val_train_loss=_r(val_train), lr=st.schedule(st.update - 1),
+                    effective_lr=optimizers.effective_lr(st.optimizer), time_s=round(elapsed, 3))
+
+    def _snapshot(self, st: _RunState) -> None:
+        """NAME-<update>.safetensors and resume.pt, written at the schedule-free evaluation point."""
+        from embedtrain import embedding, optimizers
+        optimizers.set_mode(st.optimizer, False)
+        snap = st.run_dir / f"{self.cfg.name}-{st.update}.safetensors"
+        embedding.save_embedding(snap, self.token.vectors, self.cfg.name,
+                                 self.metadata(st.update, st.batch, st.loss, st.val_loss))
+        self._save_resume(st.run_dir, st.optimizer, st.update, st.batch)
+        optimizers.set_mode(st.optimizer, True)
+        st.events.emit("save", update=st.update, path=str(snap))
+
+    def _finish(self, st: _RunState) -> RunResult:
+        """The end of a run, whatever ended it: the processes' agreement check, the final files from the
+        last good vectors (atomically), resume.pt kept on a stop and removed when finished, the last event."""
+        from embedtrain import embedding, optimizers
+        cfg, vectors, run_dir = self.cfg, self.token.vectors, st.run_dir
+        if st.bar is not None:
+            st.bar.close()
+        if st.overflows and st.main:
+            self.log(f"  fp16 loss scaling: {st.overflows} update(s) redone after the scaled gradient overflowed "
+                     f"(final scale {st.scaler.get_scale():g})")
+        if self.world > 1:
+            self._check_processes_agree(st)
+        if st.main:
+            optimizers.set_mode(st.optimizer, False)
+            meta = self.metadata(st.update, st.batch, st.loss, st.val_loss)
+            meta["status"] = st.status
             for fmt in cfg.formats():
                 path = embedding.embedding_file(run_dir, cfg.name, fmt)
-                files.append(embedding.save_embedding(path, vectors, cfg.name, meta, fmt))
-            if status == "stopped":
-                self._save_resume(run_dir, optimizer, update, batch)
-            elif (run_dir / "resume.pt").exists() and status == "finished":
+                st.files.append(embedding.save_embedding(path, vectors, cfg.name, meta, fmt))
+            if st.status == "stopped":
+                self._save_resume(run_dir, st.optimizer, st.update, st.batch)
+            elif (run_dir / "resume.pt").exists() and st.status == "finished":
                 (run_dir / "resume.pt").unlink()
-        log.close()
-        result = RunResult(run_dir, status, update, loss_value, val_loss, files, message)
-        events.emit("done" if status == "finished" else status, status=status, updates=update, message=message,
-                    files=[str(f) for f in files], final_loss=loss_value, val_loss=val_loss)
-        events.close()
+        st.log.close()
+        result = RunResult(run_dir, st.status, st.update, st.loss, st.val_loss, st.files, st.message,
+                           list(self.warnings))
+        st.events.emit("done" if st.status == "finished" else st.status, status=st.status, updates=st.update,
+                       message=st.message, files=[str(f) for f in st.files], final_loss=st.loss,
+                       val_loss=st.val_loss)
+        st.events.close()
         return result
+
+    def _check_processes_agree(self, st: _RunState) -> None:
+        """Prove the processes agree: every one must hold the same vectors, else the run failed."""
+        import torch
+        vectors = self.token.vectors
+        gathered = [torch.zeros_like(vectors) for _ in range(self.world)]
+        torch.distributed.all_gather(gathered, vectors.detach().contiguous())
+        diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
+        st.events.emit("processes", world=self.world, identical=diff == 0.0, max_diff=diff)
+        if diff != 0.0:
+            st.status, st.message = "failed", f"the {self.world} processes hold different vectors (max diff {diff})"
 
     # ------------------------------------------------------------------ resume state
     def _save_resume(self, run_dir: Path, optimizer, update: int, batch: int) -> None:
@@ -853,8 +963,10 @@ def cli(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, read-only or vanished folder, a path the OS refuses (too long)
-        print(f"error: {shown(str(e.filename or run_dir))}: {e.strerror or e}. Files written before are intact "
-              "(every write is atomic).", file=sys.stderr)
+        import errno
+        verb = "" if e.errno in (errno.ENAMETOOLONG, errno.ENOENT) else "cannot write "   # a path, not a write
+        print(f"error: {verb}{shown(str(e.filename or run_dir))}: {e.strerror or e}. Files written before are "
+              "intact (every write is atomic).", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("aborted (stop asked twice): the embedding files and resume state written before are intact",
