@@ -238,7 +238,8 @@ class JobManager:
             if not _has_started(Path(job["run_dir"])):
                 # Still importing and loading: a signal now would kill it before it can save anything.
                 return f"stop already asked: {job['name']} is still loading and stops before its first update"
-            self.slot.signal(job)
+            if not self.slot.signal(job):
+                return "no job is running"
             return f"stop asked again: signalled {job['name']}"
         stop.write_text("stop requested from the web UI\n")
         return f"stopping {job['name']}: it finishes the current update and saves"
