@@ -16,7 +16,7 @@ COMMANDS = {
     "lr-find": ("embedtrain.lr_finder", "learning-rate range test"),
     "sweep": ("embedtrain.lr_finder", "short constant-LR runs to pick a learning rate"),
     "grid": ("embedtrain.grid", "seed-locked comparison grid of several embeddings"),
-    "study": ("embedtrain.grid", "the steps-vs-gradient-accumulation study: four runs and their grids"),
+    "study": ("embedtrain.study", "the steps-vs-gradient-accumulation study: four runs and their grids"),
     "score": ("embedtrain.demo.score", "fidelity and editability of an embedding on the demo model"),
 }
 

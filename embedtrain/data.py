@@ -10,10 +10,12 @@ boundary and no image is ever dropped, so the calculator's formulas are exact.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,24 @@ TEMPLATE_DIR = ASSETS / "templates"
 
 class DataError(EmbedtrainError):
     """The dataset cannot be used; the message names the folder or file."""
+
+
+# Inside `shared_data()`: what scan_folder and LatentCache already made, by what they were made from.
+_SHARED: ContextVar[dict | None] = ContextVar("embedtrain_shared_data", default=None)
+
+
+@contextmanager
+def shared_data():
+    """Within this block a folder scanned again (same folder, same resolution) gives the first scan's
+    samples, and the same images encoded again (same VAE, device and settings, batch included) the first
+    latents. Several Trainers built in the block on one dataset (the study's four runs) so decode the
+    images once and encode them once per batch size, and all of them train on the same data even if the
+    folder changes meanwhile. Nested blocks share the outer one's store."""
+    token = _SHARED.set(_SHARED.get() if _SHARED.get() is not None else {})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
 
 
 @dataclass
@@ -236,7 +256,13 @@ def _none_usable(folder, skipped: list[Skipped]) -> DataError:
 
 
 def scan_folder(folder, resolution: int) -> tuple[list[Sample], list[Skipped]]:
-    """Every usable image in `folder` (not recursive), sorted by name, and the skipped ones with reasons."""
+    """Every usable image in `folder` (not recursive), sorted by name, and the skipped ones with reasons.
+    Inside `shared_data()`, a folder already scanned at this resolution is not read again."""
+    shared = _SHARED.get()
+    key = ("scan", os.path.abspath(folder), resolution) if shared is not None else None
+    if key in (shared or {}):
+        samples, skipped = shared[key]
+        return list(samples), list(skipped)   # new lists: callers may extend them (the trainer's skipped)
     samples, skipped = [], []
     for path in _image_files(folder):
         try:
@@ -246,6 +272,8 @@ def scan_folder(folder, resolution: int) -> tuple[list[Sample], list[Skipped]]:
             skipped.append(Skipped(path, str(e)))
     if not samples:
         raise _none_usable(folder, skipped)
+    if key is not None:
+        shared[key] = (list(samples), list(skipped))
     return samples, skipped
 
 
@@ -326,14 +354,26 @@ class LatentCache:
     sampling: deterministic = posterior mean; once = one posterior sample drawn at caching time;
     random = keep mean and std and draw a fresh sample at each use (seeded by the caller).
     With flip, the mirrored image is encoded too (a mirrored latent is not the latent of a mirror).
+    Inside `shared_data()`, images already encoded the same way are not encoded again.
     """
 
     def __init__(self, vae, images: list, device, sampling: str = "deterministic", flip: bool = False,
                  seed: int = 0, batch: int = 8):
+        self.sampling, self.flip = sampling, flip
+        shared = _SHARED.get()
+        # by identity: the same VAE and the same image objects (a shared scan's); the entry keeps them alive
+        key = ("latents", id(vae), tuple(map(id, images)), str(device), sampling, flip, seed, batch)
+        if shared is not None and key in shared:
+            self.mean, self.std = shared[key][2:]
+            return
+        self._encode(vae, images, device, sampling, flip, seed, batch)
+        if shared is not None:
+            shared[key] = (vae, list(images), self.mean, self.std)
+
+    def _encode(self, vae, images, device, sampling, flip, seed, batch) -> None:
         import numpy as np
         import torch
 
-        self.sampling, self.flip = sampling, flip
         scale = vae.config.scaling_factor
         means, stds = [], []
         views = [images] + ([[im.transpose(0) for im in images]] if flip else [])  # 0 = FLIP_LEFT_RIGHT

@@ -1,4 +1,4 @@
-"""Seed-locked comparison grids of several embeddings, and the steps-vs-GA study in one command.
+"""Seed-locked comparison grids of several embeddings.
 
 A grid has one row per (prompt, seed) and one column per embedding (`swap_axes` turns it), plus an
 optional baseline column (the init text, or no embedding at all). The model loads once; every
@@ -14,23 +14,21 @@ beside it with every cell as its own PNG, each with its own `parameters`; all wr
 
     python -m embedtrain grid --model demo --embeddings a.safetensors b.pt \\
         --prompts "a photo of {}" "a {} on a green background" --seeds 1 2 3 --out outputs/grids/ab.png
-    python -m embedtrain study --model demo --data assets/demo_dataset --low 13,2 --high 3,17 \\
-        --low-steps 150 --high-steps 3000
 
-The study trains the guide's four embeddings (gaST, gast, GAST, GAst; docs/guide.md#steps-and-ga) with
-the same seed and data on one loaded model, renders their grid and the four pairwise comparisons,
-and writes a table of each run's epochs, weight updates, final loss and validation loss.
+The steps-vs-GA study (`python -m embedtrain study`, embedtrain.study) trains four embeddings and grids
+them with this module; the command-line helpers below (add_grid_arguments, settings_from_args,
+progress_reporter, print_done, print_error) serve both commands.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import re
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -55,12 +53,6 @@ SAMPLERS = {
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
     "pndm": ("PNDMScheduler", {}, "PLMS"),
 }
-
-# The guide's four pairwise comparisons (docs/guide.md#steps-and-ga), in its order.
-STUDY_PAIRS = (("gaST", "GAst"), ("gaST", "GAST"), ("gast", "GAst"), ("gaST", "gast"))
-STUDY_COLUMNS = ["run", "meaning", "batch_size", "grad_accum", "steps", "step_unit", "batches", "epochs",
-                 "weight_updates", "final_loss", "val_loss", "status", "embedding"]
-
 
 class GridError(EmbedtrainError):
     """A grid or study cannot be made; the message names the field or file and says what would work."""
@@ -158,7 +150,7 @@ def fill(prompt: str, text: str) -> str:
     return " ".join(prompt.split())
 
 
-def _num(v) -> str:
+def format_number(v) -> str:
     try:
         x = float(v)
     except (TypeError, ValueError):
@@ -189,7 +181,7 @@ def describe_meta(meta: dict) -> list[str]:
         lines.append(f"steps {m['step']}" + (f" ({unit})" if unit else ""))
     ep_up = []
     if "epochs" in m:
-        ep_up.append(f"epochs {_num(m['epochs'])}")
+        ep_up.append(f"epochs {format_number(m['epochs'])}")
     if "updates" in m:
         ep_up.append(f"updates {m['updates']}")
     if ep_up:
@@ -497,7 +489,7 @@ def render_grid(pipe, info, embeddings, settings: GridSettings, out=None, progre
                              f"{_done + 1}-{_done + _n} of {total}")
                 return {}
 
-            autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else _null()
+            autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
             try:
                 with torch.no_grad(), autocast:
                     out_ = pipe(prompt=[texts[i] for i in batch],
@@ -520,7 +512,7 @@ def render_grid(pipe, info, embeddings, settings: GridSettings, out=None, progre
     if s.demo_scores:
         columns = [replace(col, details=[*col.details, line])
                    for col, line in zip(columns, demo_score_lines(images, len(columns)))]
-    fields = dict(Steps=s.sample_steps, Sampler=sampler, **{"CFG scale": _num(s.cfg_scale)},
+    fields = dict(Steps=s.sample_steps, Sampler=sampler, **{"CFG scale": format_number(s.cfg_scale)},
                   Seed=s.seeds[0], Size=f"{width}x{height}", **{"Model hash": info.hash}, Model=info.name)
     grid_fields = axes_fields(fields, [c.title for c in columns], rows, s.swap_axes)
     parameters = infotext(cells[0].prompt, s.negative_prompt, grid_fields)
@@ -566,14 +558,6 @@ def axes_fields(fields: dict, col_titles: list[str], rows, swap: bool) -> dict:
     return dict(fields, **cols, **rws)
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
 def _check_lengths(pipe, prompts, columns) -> None:
     """CLIP reads 77 tokens; refuse prompts that the tokenizer would cut (it truncates silently)."""
     limit = pipe.tokenizer.model_max_length - 2
@@ -600,7 +584,8 @@ def grid_picture(images, rows, columns, s: GridSettings):
     return compose(images, n_cols, col_labels, row_labels, s.margin, s.cell_size)
 
 
-def _png(image, path: Path, parameters: str, extra: dict | None = None) -> Path:
+def write_png(image, path: Path, parameters: str, extra: dict | None = None) -> Path:
+    """Write a PIL image as a PNG with A1111's `parameters` text (and `extra` text chunks), atomically."""
     from PIL.PngImagePlugin import PngInfo
 
     from embedtrain.fileio import atomic_path
@@ -613,20 +598,23 @@ def _png(image, path: Path, parameters: str, extra: dict | None = None) -> Path:
     return path
 
 
+_png = write_png   # its earlier name (tests/test_interop.py imports it)
+
+
 def _write(result: GridResult, s: GridSettings, fields: dict, info) -> list[Path]:
     files = []
     for i, (cell, im) in enumerate(zip(result.cells, result.images)):
         col = result.columns[cell.col]
         name = f"{i:04d}-{safe_filename(col.title)}-seed{cell.seed}.png"
         text = infotext(cell.prompt, s.negative_prompt, dict(fields, Seed=cell.seed, Embedding=col.title))
-        files.append(_png(im, result.folder / name, text))
+        files.append(write_png(im, result.folder / name, text))
     spec = {
         "model": info.name, "model_hash": info.hash, "settings": asdict(s),
         "columns": [{"name": c.name, "title": c.title, "path": c.path, "details": c.details, "meta": c.meta}
                     for c in result.columns],
         "cells": [dict(asdict(c), file=f.name) for c, f in zip(result.cells, files)],
     }
-    files.append(_png(result.image, result.path, result.parameters, {"embedtrain": json.dumps(spec)}))
+    files.append(write_png(result.image, result.path, result.parameters, {"embedtrain": json.dumps(spec)}))
     return files
 
 
@@ -640,143 +628,8 @@ def default_out(outputs, stem: str = "grid") -> Path:
     return path
 
 
-# ------------------------------------------------------------------ the steps-vs-GA study
-@dataclass
-class StudyResult:
-    folder: Path
-    rows: list[dict]                 # one per run, keys STUDY_COLUMNS
-    grid: GridResult
-    pairs: dict[str, Path]           # "gaST vs GAst" -> png
-    table: Path
-
-
-def run_study(base, low, high, low_steps: int, high_steps: int, out, settings: GridSettings | None = None,
-              step_unit: str = "batch", progress=None, log=print, pipe=None, info=None) -> StudyResult:
-    """Train gaST, gast, GAST and GAst from one config (same seed, data and model), then grid them.
-
-    Args:
-        base: a TrainConfig with everything but batch_size, grad_accum, steps and step_unit; its name
-            prefixes the four embedding names ("NAME-gaST", ...).
-        low, high: (batch_size, grad_accum) pairs; whichever has the lower GA is "ga".
-        low_steps, high_steps: the two run lengths, counted in step_unit (the guide counts batches).
-        out: the study folder (four run folders, grid.png, the pairwise PNGs, study.csv / study.md).
-        settings: grid settings; the baseline column defaults to the config's init text.
-    """
-    from embedtrain import data, models
-    from embedtrain.calculator import split_counts, study_table
-    from embedtrain.embedding import load_embedding
-    from embedtrain.trainer import Trainer
-
-    out = Path(out)
-    base = base.validate()
-    samples, _ = data.scan_folder(base.data, base.resolution)
-    n_train, _ = split_counts(len(samples), base.val_split)
-    plan = study_table(n_train * base.repeats, low, high, low_steps, high_steps, step_unit)
-    for run in plan:   # all four checked before the first trains (not the fourth failing hours in)
-        _check_study_run(base, run, step_unit, out)
-    if pipe is None:
-        pipe, info = models.load_pipeline(base.model, base.model_config)
-    total = sum(r.weight_updates for r in plan)
-    settings = settings or GridSettings(baseline=base.init_text if base.init_text != "*" else None,
-                                        cfg_scale=model_cfg_scale(base.model))
-    cells = len(settings.prompts) * len(settings.seeds) * (4 + (settings.baseline is not None))
-    done = 0
-    rows, files = [], []
-    prefix = base.name
-    for run in plan:
-        cfg = base.replace(name=f"{prefix}-{run.name}", batch_size=run.batch_size, grad_accum=run.grad_accum,
-                           steps=run.steps, step_unit=step_unit, run_name=run.name, out=str(out))
-
-        def on_event(ev, _run=run.name, _done=done):
-            if progress and ev.get("event") == "update":
-                progress(_done + ev["update"], total + cells,
-                         f"training {_run}: weight update {ev['update']}/{ev['weight_updates']}")
-
-        trainer = Trainer(cfg, pipe=pipe, info=info, log=log)
-        res = trainer.run(out / run.name, on_event=on_event)
-        trainer.token.vectors.requires_grad_(False)  # the next run trains only its own vectors
-        if res.status != "finished":
-            raise GridError(f"study run {run.name} {res.status}: {res.message}")
-        done += run.weight_updates
-        meta = load_embedding(res.files[0]).meta  # what the run really did, as its file records it
-        rows.append({"run": run.name, "meaning": run.meaning, "batch_size": run.batch_size,
-                     "grad_accum": run.grad_accum, "steps": run.steps, "step_unit": step_unit,
-                     "batches": meta["batches"], "epochs": _num(meta["epochs"]),
-                     "weight_updates": res.updates, "final_loss": _fmt_loss(res.final_loss),
-                     "val_loss": _fmt_loss(res.val_loss), "status": res.status,
-                     "embedding": str(res.files[0].relative_to(out))})
-        files.append(res.files[0])
-
-    def grid_progress(d, t, msg):
-        if progress:
-            progress(done + d, total + cells, f"grid: {msg}")
-
-    grid = render_grid(pipe, info, files, settings, out / "grid.png", grid_progress)
-    pairs = {}
-    index = {c.name: i for i, c in enumerate(grid.columns)}
-    for a, b in STUDY_PAIRS:
-        ca, cb = index[f"{prefix}-{a}"], index[f"{prefix}-{b}"]
-        n_rows = len(grid.cells) // len(grid.columns)
-        per_col = len(grid.columns)
-        pair_images = [grid.images[r * per_col + c] for r in range(n_rows) for c in (ca, cb)]
-        rows_ = [(p, seed) for p in settings.prompts for seed in settings.seeds]
-        picture = grid_picture(pair_images, rows_, [grid.columns[ca], grid.columns[cb]], settings)
-        text = infotext(grid.cells[0].prompt, settings.negative_prompt,
-                        axes_fields(grid.fields, [f"{prefix}-{a}", f"{prefix}-{b}"], rows_, settings.swap_axes))
-        pairs[f"{a} vs {b}"] = _png(picture, out / f"{a}-vs-{b}.png", text)
-    table = write_table(out, rows)
-    return StudyResult(out, rows, grid, pairs, table)
-
-
-def _check_study_run(base, run, step_unit: str, out: Path) -> None:
-    """One study run's config, validated with errors about what the user typed: the embedding names are
-    NAME-gaST ..., so a name near the length limit is refused as `name`, and the run lengths as the study's
-    low/high steps."""
-    from embedtrain.config import MAX_NAME_BYTES, MAX_NAME_CHARS, ConfigError
-    cfg = base.replace(name=f"{base.name}-{run.name}", batch_size=run.batch_size, grad_accum=run.grad_accum,
-                       steps=run.steps, step_unit=step_unit, run_name=run.name, out=str(out))
-    try:
-        cfg.validate()
-    except ConfigError as e:
-        text = str(e)
-        if text.startswith("name "):
-            room = len(run.name) + 1
-            raise ConfigError(f"name: the study names its embeddings NAME-{run.name} and so on, so name must be at "
-                              f"most {MAX_NAME_CHARS - room} characters and {MAX_NAME_BYTES - room} bytes; "
-                              f"{base.name!r} is {len(base.name)} characters") from None
-        if text.startswith(("steps ", "batch_size ", "grad_accum ")):
-            raise ConfigError(f"study run {run.name} (BS {run.batch_size}, GA {run.grad_accum}, {run.steps} "
-                              f"{step_unit}s): {text}; change --low/--high or --low-steps/--high-steps") from None
-        raise
-
-
-def _fmt_loss(x) -> str:
-    return "" if x is None else f"{x:.6f}"
-
-
-def write_table(folder: Path, rows: list[dict]) -> Path:
-    """study.csv and study.md (the same table), atomically."""
-    import io
-
-    from embedtrain.fileio import atomic_write_text
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=STUDY_COLUMNS)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(folder / "study.csv", buf.getvalue())
-    atomic_write_text(folder / "study.md", format_table(rows) + "\n")
-    return folder / "study.csv"
-
-
-def format_table(rows: list[dict]) -> str:
-    cols = [c for c in STUDY_COLUMNS if c != "embedding"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------ command line
-def _grid_arguments(p: argparse.ArgumentParser) -> None:
+def add_grid_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("grid")
     g.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS),
                    help="prompts with a placeholder {} or [name] for the embedding (default: %(default)s)")
@@ -802,7 +655,7 @@ def _grid_arguments(p: argparse.ArgumentParser) -> None:
                    help="json: one JSON line per progress report on stdout (for the web UI)")
 
 
-def _settings_from(args, baseline, model: str) -> GridSettings:
+def settings_from_args(args, baseline, model: str) -> GridSettings:
     cfg_scale = model_cfg_scale(model) if args.cfg_scale is None else args.cfg_scale
     return GridSettings(prompts=args.prompts, seeds=parse_seeds(args.seeds), sample_steps=args.sample_steps,
                         cfg_scale=cfg_scale, sampler=args.sampler, width=args.width, height=args.height,
@@ -812,7 +665,7 @@ def _settings_from(args, baseline, model: str) -> GridSettings:
                         demo_scores=args.demo_scores).validate()
 
 
-def _reporter(mode: str):
+def progress_reporter(mode: str):
     last = {"t": 0.0}
 
     def report(done, total, message):
@@ -825,14 +678,14 @@ def _reporter(mode: str):
     return report
 
 
-def _finish(mode: str, payload: dict, text: str) -> None:
+def print_done(mode: str, payload: dict, text: str) -> None:
     if mode == "json":
         print(json.dumps({"event": "done", **payload}), flush=True)
     else:
         print(text)
 
 
-def _fail(mode: str, message: str) -> int:
+def print_error(mode: str, message: str) -> int:
     if mode == "json":
         print(json.dumps({"event": "error", "message": message}), flush=True)
     print(f"error: {message}", file=sys.stderr)
@@ -851,12 +704,12 @@ def cli_grid(argv=None) -> int:
                         "from the embeddings' metadata (or no embedding); --baseline '' = no embedding")
     p.add_argument("--out", help="grid PNG (default outputs/grids/grid-TIME.png); cells go to a folder beside it")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    _grid_arguments(p)
+    add_grid_arguments(p)
     args = p.parse_args(argv)
     try:
         from embedtrain import models
         baseline = args.baseline
-        settings = _settings_from(args, "" if baseline == "@init" else baseline, args.model)
+        settings = settings_from_args(args, "" if baseline == "@init" else baseline, args.model)
         if not args.embeddings and baseline is None:
             raise GridError("embeddings must list one or more embedding files (or add --baseline)")
         from embedtrain.embedding import load_embedding
@@ -866,7 +719,7 @@ def cli_grid(argv=None) -> int:
             if not Path(f).is_file():
                 raise GridError(f"embedding file {f} does not exist")
             load_embedding(f)   # its errors name the file; a few ms for a real embedding
-        report = _reporter(args.progress)
+        report = progress_reporter(args.progress)
         report(0, 1, f"loading model {args.model}")
         pipe, info = models.load_pipeline(args.model, args.model_config)
         columns = load_columns(pipe, args.embeddings, f"model {info.name!r} ({info.architecture})")
@@ -875,8 +728,8 @@ def cli_grid(argv=None) -> int:
         out = Path(args.out) if args.out else default_out("outputs")
         result = render_grid(pipe, info, columns, settings, out, report)
     except EmbedtrainError as e:
-        return _fail(args.progress, str(e))
-    _finish(args.progress, {"grid": str(result.path), "folder": str(result.folder), "seconds": round(result.seconds, 2),
+        return print_error(args.progress, str(e))
+    print_done(args.progress, {"grid": str(result.path), "folder": str(result.folder), "seconds": round(result.seconds, 2),
                             "cells": len(result.cells)},
             f"wrote {result.path} ({len(result.columns)} columns x {len(result.cells) // len(result.columns)} rows, "
             f"{result.seconds:.1f} s) and {len(result.cells)} images in {result.folder}")
@@ -884,57 +737,12 @@ def cli_grid(argv=None) -> int:
 
 
 def parse_pair(text: str, name: str) -> tuple[int, int]:
+    """A study setting 'BS,GA' (also 'BS x GA', 'BS/GA') -> (batch_size, grad_accum). Used by the study's
+    command line and its web form (embedtrain.ui.grid_tab), which imports it from here."""
     m = re.fullmatch(r"\s*(\d+)\s*[,x:/ ]\s*(\d+)\s*", str(text))
     if not m:
         raise GridError(f"{name} must be BATCH_SIZE,GRAD_ACCUM, e.g. 13,2; got {text!r}")
     return int(m.group(1)), int(m.group(2))
-
-
-def cli_study(argv=None) -> int:
-    from dataclasses import fields
-
-    from embedtrain.config import TrainConfig, add_arguments, config_from_args
-
-    p = argparse.ArgumentParser(prog="python -m embedtrain study", description="The steps-vs-GA study: train "
-                                "gaST, gast, GAST and GAst with the same seed and data, then grid them.")
-    p.add_argument("--config", help="JSON file of training settings (flags override it)")
-    p.add_argument("--low", required=True, help="one setting as BS,GA, e.g. 13,2")
-    p.add_argument("--high", required=True, help="the other setting as BS,GA, e.g. 3,17 (the order does not "
-                                                 "matter: the lower GA is 'ga')")
-    p.add_argument("--low-steps", type=int, required=True, help="the short run length (the guide: 150)")
-    p.add_argument("--high-steps", type=int, required=True, help="the long run length (the guide: 3000)")
-    p.add_argument("--study-out", dest="study_out", help="study folder (default outputs/study-TIME)")
-    p.add_argument("--baseline", default="@init", help="baseline column text (default: the init text; 'none' "
-                                                       "for no baseline column)")
-    add_arguments(p, only={f.name for f in fields(TrainConfig)} - {"batch_size", "grad_accum", "steps", "run_name"})
-    _grid_arguments(p)
-    args = p.parse_args(argv)
-    if not hasattr(args, "step_unit"):
-        args.step_unit = "batch"  # the guide's unit
-    if not hasattr(args, "name"):
-        args.name = "study"
-    try:
-        low, high = parse_pair(args.low, "--low"), parse_pair(args.high, "--high")
-        base = config_from_args(args, args.config).replace(step_unit=args.step_unit)
-        if args.baseline == "@init":
-            baseline = base.init_text if base.init_text.strip() not in ("", "*") else None
-        else:
-            baseline = None if args.baseline == "none" else args.baseline
-        settings = _settings_from(args, baseline, base.model)
-        out = Path(args.study_out or Path(base.out) / f"study-{time.strftime('%Y%m%d-%H%M%S')}")
-        from embedtrain.trainer import refuse_existing_run
-        refuse_existing_run(out, flag="--study-out", resumable=False, field="study_out", what="study folder")
-        report = _reporter(args.progress)
-        log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.progress == "json" else print
-        result = run_study(base, low, high, args.low_steps, args.high_steps, out, settings, args.step_unit,
-                           report, log)
-    except EmbedtrainError as e:
-        return _fail(args.progress, str(e))
-    _finish(args.progress, {"folder": str(result.folder), "grid": str(result.grid.path), "table": str(result.table),
-                            "pairs": {k: str(v) for k, v in result.pairs.items()}, "rows": result.rows},
-            format_table(result.rows) + f"\n\nwrote {result.folder}: grid.png, "
-            + ", ".join(v.name for v in result.pairs.values()) + ", study.csv, study.md")
-    return 0
 
 
 cli = cli_grid

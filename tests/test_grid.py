@@ -1,7 +1,6 @@
 """Seed-locked grids on the tiny model: identical starting noise per row, labels from metadata, the PNG's
-parameters, errors that name the file, and the steps-vs-GA study end to end."""
+parameters, errors that name the file. The steps-vs-GA study: test_study.py."""
 
-import csv
 import json
 
 import numpy as np
@@ -235,12 +234,12 @@ def test_headers_say_when_a_file_was_renamed_and_which_run_it_is(tiny, tmp_path)
 def test_cfg_scale_defaults_to_the_models_and_a_typed_value_wins():
     import argparse
     from embedtrain.config import TrainConfig, apply_preset
-    from embedtrain.grid import _grid_arguments, _settings_from
+    from embedtrain.grid import add_grid_arguments, settings_from_args
     p = argparse.ArgumentParser()
-    _grid_arguments(p)
-    assert _settings_from(p.parse_args([]), None, "demo").cfg_scale == 5.0     # the demo model's (its card)
-    assert _settings_from(p.parse_args([]), None, "tiny").cfg_scale == 7.5
-    assert _settings_from(p.parse_args(["--cfg-scale", "9"]), None, "demo").cfg_scale == 9.0
+    add_grid_arguments(p)
+    assert settings_from_args(p.parse_args([]), None, "demo").cfg_scale == 5.0     # the demo model's (its card)
+    assert settings_from_args(p.parse_args([]), None, "tiny").cfg_scale == 7.5
+    assert settings_from_args(p.parse_args(["--cfg-scale", "9"]), None, "demo").cfg_scale == 9.0
     assert apply_preset(TrainConfig(model="demo"), set()).preview_cfg == 5.0          # previews too
     assert apply_preset(TrainConfig(model="demo", preview_cfg=7.0), {"preview_cfg"}).preview_cfg == 7.0
 
@@ -252,46 +251,3 @@ def test_grid_cli_refuses_a_missing_file_before_loading_the_model(tmp_path, caps
     out = capsys.readouterr().out
     assert rc == 2 and json.loads(out.splitlines()[-1]) == {
         "event": "error", "message": f"embedding file {tmp_path / 'gone.pt'} does not exist"}
-
-
-# ------------------------------------------------------------------ the study
-@pytest.mark.slow
-def test_study_trains_four_runs_and_writes_grid_pairs_and_table(images, tmp_path, capsys):
-    from embedtrain.calculator import study_table
-    from embedtrain.grid import cli_study
-    out = tmp_path / "outputs" / "study"
-    rc = cli_study(["--model", "tiny", "--data", str(images), "--name", "zorb", "--init-text", "circle",
-                    "--template", "object", "--val-split", "0.25", "--lr", "0.02", "--seed", "3",
-                    "--low", "2,1", "--high", "1,3", "--low-steps", "3", "--high-steps", "6",
-                    "--prompts", "a photo of {}", "--seeds", "5", "--sample-steps", "2", "--study-out", str(out),
-                    "--progress", "json"])
-    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert rc == 0, lines[-1]
-    done = lines[-1]
-    assert done["event"] == "done" and any("training GAST" in x.get("message", "") for x in lines)
-
-    with open(out / "study.csv", newline="") as fh:
-        rows = {r["run"]: r for r in csv.DictReader(fh)}
-    plan = {r.name: r for r in study_table(6, (2, 1), (1, 3), 3, 6, "batch")}   # 8 images - 25% validation
-    assert set(rows) == {"gaST", "gast", "GAST", "GAst"}
-    for name, r in rows.items():
-        assert int(r["weight_updates"]) == plan[name].weight_updates
-        assert float(r["epochs"]) == pytest.approx(plan[name].epochs, abs=0.01)
-        assert float(r["final_loss"]) > 0 and float(r["val_loss"]) > 0 and r["status"] == "finished"
-    assert [rows[n]["weight_updates"] for n in ("gaST", "gast", "GAST", "GAst")] == ["6", "3", "2", "1"]
-
-    configs = [json.loads((out / n / "config.json").read_text()) for n in rows]
-    assert len({(c["seed"], c["data"], c["val_split"], c["lr"]) for c in configs}) == 1
-    from embedtrain.embedding import load_embedding
-    vecs = {n: load_embedding(out / n / f"zorb-{n}.safetensors").vectors for n in rows}
-    assert not torch.equal(vecs["gaST"], vecs["gast"]) and not torch.equal(vecs["GAST"], vecs["GAst"])
-
-    grid = Image.open(out / "grid.png")
-    spec = json.loads(grid.text["embedtrain"])
-    assert [c["name"] for c in spec["columns"]] == ["zorb-gaST", "zorb-gast", "zorb-GAST", "zorb-GAst",
-                                                    "baseline: circle"]
-    assert spec["columns"][2]["details"][0] == "BS 1 · GA 3"
-    for a, b in (("gaST", "GAst"), ("gaST", "GAST"), ("gast", "GAst"), ("gaST", "gast")):
-        pair = Image.open(out / f"{a}-vs-{b}.png")
-        assert f'X Values: "zorb-{a}, zorb-{b}"' in pair.text["parameters"]
-    assert "| gaST | low GA, high steps | 2 | 1 | 6 | batch | 6 |" in (out / "study.md").read_text()

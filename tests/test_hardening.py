@@ -631,7 +631,7 @@ def test_the_study_checks_all_four_runs_before_the_first_trains(images, tmp_path
     """A study of NAME-gaST ... : a name near the limit is refused as the name the user typed, and a run length
     past the bound before anything trains (before: the fourth run failed after three had trained)."""
     from embedtrain import models
-    from embedtrain.grid import cli_study
+    from embedtrain.study import cli as cli_study
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
     common = ["--model", "tiny", "--data", str(images), "--low", "2,1", "--high", "1,2", "--low-steps", "2",
               "--study-out", str(tmp_path / "study")]
@@ -644,7 +644,7 @@ def test_the_study_checks_all_four_runs_before_the_first_trains(images, tmp_path
 
 
 def test_the_study_refuses_a_study_folder_that_holds_files(images, tmp_path, capsys):
-    from embedtrain.grid import cli_study
+    from embedtrain.study import cli as cli_study
     (tmp_path / "study" / "gaST").mkdir(parents=True)
     assert cli_study(["--model", "tiny", "--data", str(images), "--name", "zorblat", "--low", "2,1", "--high", "1,2",
                       "--low-steps", "2", "--high-steps", "4", "--study-out", str(tmp_path / "study")]) == 2
