@@ -77,7 +77,6 @@ def main(argv=None) -> int:
         return 2
     if os.environ.get("GRADIO_SHARE", "").lower() == "true" and not args.share:
         print("GRADIO_SHARE=true is ignored: no public link unless you pass --share (with --auth)", file=sys.stderr)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from embedtrain.__main__ import quiet_libraries
     quiet_libraries()   # the libraries' start-up notices say nothing about the user's run

@@ -8,7 +8,7 @@ while none is shipped), "tiny" (tests), a diffusers folder, or a single .safeten
 from __future__ import annotations
 
 import hashlib
-import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,9 +92,48 @@ def _is(path: Path, kind: str) -> bool:
         return False
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}")
+
+
+def is_hub_id(source: str) -> bool:
+    """`org/name` that is not a local path: a Hugging Face hub model id."""
+    return bool(HUB_ID.fullmatch(source or "")) and not Path(source).exists() and ".." not in source
+
+
+def hub_cache() -> str:
+    """The Hugging Face cache folder hub models are kept in (HF_HOME / HF_HUB_CACHE decide it)."""
+    from huggingface_hub import constants
+    return str(constants.HF_HUB_CACHE)
+
+
+def _from_hub(repo_id: str, torch_dtype):
+    """A hub model through the Hugging Face cache: downloaded when the hub can be reached (huggingface_hub
+    shows its progress bars), read from the cache when offline. HF_HUB_OFFLINE is the user's to set."""
+    from diffusers import StableDiffusionPipeline
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    try:
+        return StableDiffusionPipeline.from_pretrained(repo_id, torch_dtype=torch_dtype, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except GatedRepoError:
+        raise ModelError(f"model {repo_id!r} is gated on the Hugging Face hub: accept its terms on its page, log "
+                         "in (`hf auth login`) and try again") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"model {repo_id!r} is not on the Hugging Face hub (or it is private: log in with "
+                         "`hf auth login`)") from None
+    except (OSError, ValueError) as e:
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        if "cached" in str(e) or "connect" in str(e).lower() or constants.HF_HUB_OFFLINE:
+            raise ModelError(f"model {repo_id!r} is not in the Hugging Face cache ({hub_cache()}) and the hub "
+                             f"cannot be reached{offline}: download it once while online, or give a local "
+                             "diffusers folder") from None
+        raise ModelError(f"cannot load hub model {repo_id!r}: {str(e).splitlines()[0][:300]}") from None
+
+
 def load_pipeline(source: str, model_config: str = ""):
-    """Return (pipeline, ModelInfo). The pipeline is on the CPU in fp32, with progress bars off."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: it is unreachable and slow to fail
+    """Return (pipeline, ModelInfo). The pipeline is on the CPU in fp32, with progress bars off.
+
+    source: "demo", "tiny", a diffusers folder, a .safetensors/.ckpt checkpoint, or a hub id (org/name)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -129,8 +168,12 @@ def load_pipeline(source: str, model_config: str = ""):
                                              "of the same architecture (its configs and tokenizer are used).")
             raise ModelError(f"cannot load checkpoint {path}: {str(e).splitlines()[0][:300]}.{hint}") from None
         info = _info(pipe, source, path.stem, short_hash(path))
+    elif is_hub_id(source):
+        pipe = _from_hub(source, torch.float32)
+        info = _info(pipe, source, source.split("/")[1])
     else:
-        raise ModelError(f"model {shown(source)} not found: use 'demo', a diffusers folder or a .safetensors/.ckpt file")
+        raise ModelError(f"model {shown(source)} not found: use 'demo', a diffusers folder, a .safetensors/.ckpt "
+                         "file or a Hugging Face hub id (org/name)")
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)

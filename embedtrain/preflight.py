@@ -105,6 +105,18 @@ def _count(folder) -> int:
 _TOKENIZERS: dict = {}
 
 
+def _hub_tokenizer(repo_id: str):
+    """A hub model's tokenizer from the Hugging Face cache, or None when it is not cached yet (the job
+    downloads the model; nothing is fetched from the web server's checks)."""
+    if repo_id not in _TOKENIZERS:
+        try:
+            from transformers import CLIPTokenizer
+            _TOKENIZERS[repo_id] = CLIPTokenizer.from_pretrained(repo_id, subfolder="tokenizer", local_files_only=True)
+        except (OSError, ValueError):
+            return None
+    return _TOKENIZERS[repo_id]
+
+
 def model_tokenizer(source: str):
     """The tokenizer of a model source, without loading its weights; None where it cannot be read alone
     (a single-file checkpoint: its tokenizer is checked when the job loads it). A source that does not
@@ -119,6 +131,9 @@ def model_tokenizer(source: str):
         if folder.suffix.lower() not in (".safetensors", ".ckpt"):
             raise ModelError(f"model file {folder} must be a .safetensors or .ckpt checkpoint")
         return None
+    from embedtrain.models import is_hub_id
+    if source != "demo" and not _is(folder, "dir") and is_hub_id(source):
+        return _hub_tokenizer(source)
     if not _is(folder, "dir"):
         raise ModelError(f"model {shown(source)} not found: use 'demo', a diffusers folder or a .safetensors/.ckpt file")
     if not (folder / "model_index.json").is_file():

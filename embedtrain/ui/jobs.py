@@ -30,7 +30,7 @@ def launch(argv: list[str], stdout, stderr=subprocess.STDOUT, detach: bool = Tru
 
     The one way the UI starts a process (training jobs, LR finder, grids). `detach` puts it in its own
     session, so a closed page or a restarted server does not stop it."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")   # HF_HUB_OFFLINE is the user's: a hub model may download
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")   # the package's own folder
     # OpenMP threads that spin while they wait collapse when the web server takes a core for a moment
     # (measured: 20 polling pages cut a job's update rate by 97%); passive waiting keeps the job going.

@@ -414,7 +414,8 @@ def build(ctx) -> None:
 def _model_and_data(cfg, c: dict, ui: dict) -> None:
     with gr.Row():
         c["model"] = gr.Textbox(cfg.model, label="Model", scale=4,
-                                info="'demo' (built in), a diffusers folder, or a .safetensors/.ckpt file")
+                                info="'demo' (built in), a diffusers folder, a .safetensors/.ckpt file, or a "
+                                     "Hugging Face hub id (org/name: downloaded once, then read from the cache)")
         ui["load_btn"] = gr.Button("Load", scale=1, size="sm")
     ui["model_info"] = gr.Markdown("", elem_id="model-info", label="model")
     ui["check_model"] = gr.Markdown("", elem_id="check-model")

@@ -1,0 +1,54 @@
+"""Model sources: a hub id (org/name) is loaded through the Hugging Face cache (offline here: the cache is
+built in a temp HF_HOME from the demo model), and one that is neither cached nor reachable is one line
+naming the id and the cache folder. Nothing here touches the network."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import ROOT
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hf_home_with(tmp_path, repo_id: str):
+    """An HF_HOME whose hub cache holds the demo model as `repo_id` (the layout huggingface_hub writes)."""
+    home = tmp_path / "hf"
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(ROOT / "assets" / "demo_model", repo / "snapshots" / REV)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(REV)
+    return home
+
+
+def run(args, home, tmp_path):
+    env = dict(os.environ, HF_HOME=str(home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("HF_HUB_CACHE", None)
+    return subprocess.run([sys.executable, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_hub_id_trains_from_the_cache_offline(tmp_path):
+    home = hf_home_with(tmp_path, "embedtest/tiny-sd")
+    r = run(["-m", "embedtrain", "train", "--model", "embedtest/tiny-sd", "--data", str(ROOT / "assets" / "demo_dataset"),
+             "--name", "hubstar", "--init-text", "star", "--resolution", "64", "--steps", "2", "--run-name", "hub1",
+             "--out", str(tmp_path / "out")], home, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "out" / "hub1" / "hubstar.safetensors").is_file()
+    # the pre-start checks read the cached tokenizer: a word the model knows is refused before any job
+    r = run(["-c", "from embedtrain.config import TrainConfig; from embedtrain.preflight import check_run; "
+                   f"print(check_run(TrainConfig(model='embedtest/tiny-sd', data=r'{ROOT / 'assets' / 'demo_dataset'}', "
+                   "name='star')))"], home, tmp_path)
+    assert r.returncode == 0 and "already a word of the model's vocabulary" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_hub_id_neither_cached_nor_reachable_is_one_line(tmp_path):
+    home = hf_home_with(tmp_path, "embedtest/tiny-sd")
+    r = run(["-m", "embedtrain", "train", "--model", "embedtest/not-here", "--data",
+             str(ROOT / "assets" / "demo_dataset"), "--name", "hubstar", "--steps", "2",
+             "--out", str(tmp_path / "out")], home, tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "'embedtest/not-here' is not in the Hugging Face cache" in line and str(home / "hub") in line, line
+    assert "HF_HUB_OFFLINE is set" in line
