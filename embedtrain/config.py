@@ -172,6 +172,11 @@ class TrainConfig:
     lr_cycle_start: str = _f("low", "cyclical: start a cycle at the low point (Smith) or at the top (5.5 cycles "
                                     "then end low; docs/guide.md#cyclical-lr)")
     lr_extend: bool = _f(False, "piecewise schedule shorter than the run: hold its last LR instead of refusing")
+    lr_pct_start: float = _f(0.3, "one_cycle: fraction of the run spent rising to lr (lr_warmup, when set, is the "
+                                  "rise in updates instead)")
+    lr_div_factor: float = _f(25.0, "one_cycle: the rise starts at lr / lr_div_factor")
+    lr_final_div_factor: float = _f(1e4, "one_cycle: the anneal ends at lr / lr_div_factor / lr_final_div_factor "
+                                         "(lr_min, when set, is the end instead)")
     # --- optimizer ---
     optimizer: str = _f("adamw", "adamw, adam, sgd, dadapt_adam, prodigy, schedulefree_adamw")
     weight_decay: float = _f(0.0, "weight decay")
@@ -233,6 +238,8 @@ class TrainConfig:
         need(SEED_RANGE[0] <= self.seed <= SEED_RANGE[1], "seed", "a whole number between -2**63 and 2**63-1")
         need(-1 <= self.preview_seed <= SEED_RANGE[1], "preview_seed", "-1 (the run's seed) or a whole number "
              "between 0 and 2**63-1")
+        from embedtrain.schedules import SCHEDULES   # pure Python, as light as this module
+        need(self.lr_schedule in SCHEDULES, "lr_schedule", f"one of {', '.join(SCHEDULES)}")
         if self.lr_schedule != "piecewise":
             need(0 < self.lr <= MAX_LR, "lr", f"> 0 and <= {MAX_LR:g}")
         else:
@@ -242,6 +249,10 @@ class TrainConfig:
         need(0 <= self.lr_warmup <= MAX_STEPS, "lr_warmup", f">= 0 and <= {MAX_STEPS} updates")
         need(0 <= self.lr_step_size <= MAX_STEPS, "lr_step_size", f">= 0 (0 = derive it) and <= {MAX_STEPS} updates")
         need(self.lr_cycle_start in ("low", "high"), "lr_cycle_start", "low or high")
+        need(0 < self.lr_pct_start < 1, "lr_pct_start", "in (0, 1) (the fraction of the run spent rising)")
+        need(self.lr_div_factor >= 1, "lr_div_factor", ">= 1 (one_cycle starts at lr / lr_div_factor)")
+        need(self.lr_final_div_factor >= 1, "lr_final_div_factor", ">= 1 (one_cycle ends at its start LR / "
+             "lr_final_div_factor)")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}")
         need(self.weight_decay >= 0, "weight_decay", ">= 0")
         need(0 <= self.adam_beta1 < 1, "adam_beta1", "in [0, 1)")
@@ -388,6 +399,38 @@ def add_arguments(parser: argparse.ArgumentParser, only: set[str] | None = None)
             parser.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help_, dest=f.name)
 
 
+LR_EXAMPLE = "'0.005:100, 1e-3:1000, 1e-5'"
+
+
+def lr_fields(text) -> dict:
+    """The settings that a learning rate, as typed, stands for: the one reading of `--lr` and of the web
+    form's LR box.
+
+    A number sets lr. A1111's piecewise text (its learning-rate box: "0.005:100, 1e-3:1000, 1e-5") sets
+    lr_schedule "piecewise", lr_piecewise to the text and lr to 0 (a piecewise schedule takes its rates
+    from the text); the text is parsed here, so a typo is refused before anything loads. Anything else is
+    a ConfigError naming lr and saying what is valid. Whether the number is in range, and whether the
+    piecewise rates are, is validate()'s to say."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return {"lr": float(text)}
+    typed = text.strip() if isinstance(text, str) else repr(text)
+    try:
+        return {"lr": float(typed)}
+    except ValueError:
+        pass
+    if ":" not in typed:
+        raise ConfigError(f"lr must be a number such as 0.005 or A1111's piecewise text such as {LR_EXAMPLE}, "
+                          f"got {typed[:120]!r}")
+    from embedtrain.schedules import ScheduleError, parse_piecewise
+    try:
+        parse_piecewise(typed)
+    except ScheduleError as e:
+        raise ConfigError(f"lr {typed[:120]!r} is not a number, so it is read as A1111's piecewise text "
+                          f"'rate:end_update, ..., rate' (e.g. {LR_EXAMPLE}), and that has an error: "
+                          f"{str(e)[:300]}") from None
+    return {"lr": 0.0, "lr_schedule": "piecewise", "lr_piecewise": typed}
+
+
 def config_from_args(args: argparse.Namespace, config_file: str | None = None) -> TrainConfig:
     """Config file (if any) < model preset < typed flags."""
     data: dict = {}
@@ -399,14 +442,7 @@ def config_from_args(args: argparse.Namespace, config_file: str | None = None) -
         explicit = set()
     typed = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if "lr" in typed:
-        text = typed["lr"].strip()
-        try:
-            typed["lr"] = float(text)
-        except ValueError:
-            # "0.005:100, 1e-3:1000, 1e-5" typed into --lr, as in A1111's learning-rate box.
-            typed.pop("lr")
-            typed["lr_piecewise"] = text
-            typed["lr_schedule"] = "piecewise"
+        typed.update(lr_fields(typed["lr"]))   # a number, or A1111's piecewise text typed into --lr
     data.update(typed)
     explicit |= set(typed)
     cfg = TrainConfig.from_dict(data)

@@ -27,22 +27,25 @@ def make_optimizer(name: str, params, cfg):
     import torch
 
     betas = (cfg.adam_beta1, cfg.adam_beta2)
+    # The trainer sets every update's LR from the schedule before the step, so this one is never used; a
+    # piecewise schedule has lr 0 (its rates are in lr_piecewise), which D-Adaptation and Prodigy refuse.
+    lr = cfg.lr if cfg.lr > 0 else 1.0
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     if name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.adam_beta1, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.adam_beta1, weight_decay=cfg.weight_decay)
     if name == "dadapt_adam":
         mod = _need("dadaptation", name)
-        return mod.DAdaptAdam(params, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+        return mod.DAdaptAdam(params, lr=lr, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                               decouple=True)
     if name == "prodigy":
         mod = _need("prodigyopt", name)
-        return mod.Prodigy(params, lr=cfg.lr, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        return mod.Prodigy(params, lr=lr, betas=betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     if name == "schedulefree_adamw":
         mod = _need("schedulefree", name)
-        return mod.AdamWScheduleFree(params, lr=cfg.lr, betas=betas, eps=cfg.adam_eps,
+        return mod.AdamWScheduleFree(params, lr=lr, betas=betas, eps=cfg.adam_eps,
                                      weight_decay=cfg.weight_decay, warmup_steps=cfg.lr_warmup)
     raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
