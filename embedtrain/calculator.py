@@ -102,8 +102,8 @@ def _real(name: str, value, what: str, ok) -> float:
 
 
 def _exact(x) -> Fraction:
-    """The decimal the user meant: 0.1 becomes 1/10, not the binary float just above it."""
-    return Fraction(x) if isinstance(x, int) else Fraction(repr(float(x)))
+    """The decimal the user meant: 0.1 becomes 1/10, not the binary float just above it (a Fraction as it is)."""
+    return Fraction(x) if isinstance(x, (int, Fraction)) else Fraction(repr(float(x)))
 
 
 def _step_unit(value) -> str:
@@ -188,6 +188,12 @@ class Derived:
     @property
     def images_per_update(self) -> int:
         return self.batch_size * self.grad_accum * self.processes
+
+    @property
+    def updates_per_epoch_exact(self) -> Fraction:
+        """updates_per_epoch as an exact fraction (10 images, BS 3: 10/3, not 3.3333333333333335), for
+        rounding k x epoch to whole updates (step_size_for_k) without a float's error deciding a half."""
+        return Fraction(self.images, self.images_per_update)
 
     @property
     def batches_run(self) -> int:
@@ -435,12 +441,27 @@ def updates_per_epoch(images, batch_size, grad_accum=1, processes=1) -> float:
     return n / (bs * ga * p)
 
 
-def step_size_for_epochs(k, images, batch_size, grad_accum=1, processes=1) -> int:
-    """Smith's step size (updates per half cycle) as k x updates per epoch (he suggests k = 2..10),
-    rounded half up to whole updates and at least 1, as schedules.py does for lr_step_size_epochs."""
+def step_size_for_k(k, updates_per_epoch, minimum: int = 0) -> int:
+    """Smith's step size in updates: a half cycle of k epochs (he suggests k = 2..10) is k x updates per
+    epoch, rounded half up to whole updates (2.5 x 5 = 12.5 -> 13, where Python's round() gives the even
+    12) and at least `minimum`.
+
+    The one rounding of "k x epoch": lr_step_size_epochs in schedules.py, step_size_for_epochs here, and
+    the LR finder's suggested step sizes all call it. The product is exact on the decimals given (k 0.1 is
+    1/10) or on a Fraction (Derived.updates_per_epoch_exact). With the default minimum 0, k x epoch below
+    half an update gives 0, which schedules.py refuses naming the field; suggestions pass minimum=1."""
     kk = _real("k", k, "a number > 0 (epochs per half cycle)", lambda x: x > 0)
+    _real("updates_per_epoch", updates_per_epoch, "a number > 0", lambda x: x > 0)
+    product = _exact(k if isinstance(k, Fraction) else kk) * _exact(updates_per_epoch)
+    return max(minimum, math.floor(product + Fraction(1, 2)))
+
+
+def step_size_for_epochs(k, images, batch_size, grad_accum=1, processes=1) -> int:
+    """Smith's step size (updates per half cycle) as k x updates per epoch for one training setting,
+    rounded half up to whole updates and at least 1 (step_size_for_k)."""
+    _real("k", k, "a number > 0 (epochs per half cycle)", lambda x: x > 0)
     n, bs, ga, p = _settings(images, batch_size, grad_accum, processes)
-    return max(1, math.floor(_exact(kk) * Fraction(n, bs * ga * p) + Fraction(1, 2)))
+    return step_size_for_k(k, Fraction(n, bs * ga * p), minimum=1)
 
 
 def cycles_for_run(total_updates, step_size) -> float:

@@ -28,8 +28,10 @@ any model loads).
 from __future__ import annotations
 
 import math
+import numbers
 
 from embedtrain import EmbedtrainError
+from embedtrain.calculator import step_size_for_k
 
 
 class ScheduleError(EmbedtrainError):
@@ -40,6 +42,8 @@ SCHEDULES = ("constant", "linear", "cosine", "cosine_restarts", "polynomial", "p
              "triangular", "triangular2", "exp_range", "cosine_cycles", "one_cycle")
 CYCLICAL = ("triangular", "triangular2", "exp_range", "cosine_cycles")
 CYCLE_STARTS = ("low", "high")
+# one_cycle's defaults (TrainConfig's lr_pct_start, lr_div_factor, lr_final_div_factor): torch's OneCycleLR's
+ONE_CYCLE_DEFAULTS = {"lr_pct_start": 0.3, "lr_div_factor": 25.0, "lr_final_div_factor": 1e4}
 
 
 # ------------------------------------------------------------------ shapes (absolute LR at update u)
@@ -331,8 +335,9 @@ def _step_size(a):
     elif a["step_size_epochs"] > 0:
         _need(a["updates_per_epoch"] > 0,
               f"updates_per_epoch must be > 0 to use lr_step_size_epochs, got {a['updates_per_epoch']!r}")
-        s = math.floor(a["step_size_epochs"] * a["updates_per_epoch"] + 0.5)  # round half up, not to even
-        how = f"lr_step_size_epochs={a['step_size_epochs']:g} x {a['updates_per_epoch']:g} updates per epoch"
+        s = step_size_for_k(a["step_size_epochs"], a["updates_per_epoch"])  # round half up, not to even
+        how = (f"lr_step_size_epochs={a['step_size_epochs']:g} x {float(a['updates_per_epoch']):g} updates per "
+               "epoch")
     else:
         _need(a["cycles"] > 0, f"lr_cycles must be > 0 (full cycles over the run), got {a['cycles']:g}")
         # Kept fractional on purpose: "3 cycles over 1000 updates" then really is 3 cycles.
@@ -440,9 +445,10 @@ def _build_cyclical(a):
 
 def _build_one_cycle(a):
     lr, total = a["lr"], a["total"]
-    _need(a["div_factor"] >= 1, f"div_factor must be >= 1 (start at lr / div_factor), got {a['div_factor']:g}")
-    _need(a["final_div_factor"] >= 1, f"final_div_factor must be >= 1, got {a['final_div_factor']:g}")
-    _need(0 < a["pct_start"] < 1, f"pct_start must be in (0, 1), got {a['pct_start']:g}")
+    _need(a["div_factor"] >= 1, f"lr_div_factor must be >= 1 (start at lr / lr_div_factor), got "
+                                f"{a['div_factor']:g}")
+    _need(a["final_div_factor"] >= 1, f"lr_final_div_factor must be >= 1, got {a['final_div_factor']:g}")
+    _need(0 < a["pct_start"] < 1, f"lr_pct_start must be in (0, 1), got {a['pct_start']:g}")
     # lr_warmup, when set, is the rise in updates; lr_min, when set, is the final LR: the same meanings
     # those fields have for the other schedules.
     rise = a["warmup"] if a["warmup"] else math.floor(a["pct_start"] * total + 0.5)
@@ -471,8 +477,9 @@ _BUILDERS = {
 
 def build_schedule(name, lr, total_updates, *, min_lr=0.0, warmup=0, cycles=1.0, power=1.0, piecewise="",
                    step_size=0, step_size_epochs=0.0, updates_per_epoch=1.0, gamma=1.0, cycle_decay="",
-                   decay_factor=0.5, extend=False, start="low", pct_start=0.3, div_factor=25.0,
-                   final_div_factor=1e4):
+                   decay_factor=0.5, extend=False, start="low", pct_start=ONE_CYCLE_DEFAULTS["lr_pct_start"],
+                   div_factor=ONE_CYCLE_DEFAULTS["lr_div_factor"],
+                   final_div_factor=ONE_CYCLE_DEFAULTS["lr_final_div_factor"]):
     """Check the settings and return a Schedule for a run of `total_updates` weight updates.
 
     name: one of SCHEDULES. lr: the peak LR (the top of a cycle; ignored by piecewise, whose text holds
@@ -486,7 +493,8 @@ def build_schedule(name, lr, total_updates, *, min_lr=0.0, warmup=0, cycles=1.0,
     piecewise rate / stepped top when the text covers less than the run, with a warning, instead of
     refusing. start: "low" (Smith) or "high" (the guide's cosine runs) for cyclical schedules.
     pct_start, div_factor, final_div_factor: one_cycle's rise fraction, start = lr / div_factor and
-    final = start / final_div_factor.
+    final = start / final_div_factor (TrainConfig's lr_pct_start, lr_div_factor, lr_final_div_factor).
+    updates_per_epoch may be a Fraction (calculator.Derived.updates_per_epoch_exact), for an exact rounding.
     """
     if name not in _BUILDERS:
         raise ScheduleError(f"lr_schedule {name!r} is not known; valid: {', '.join(SCHEDULES)}")
@@ -495,8 +503,9 @@ def build_schedule(name, lr, total_updates, *, min_lr=0.0, warmup=0, cycles=1.0,
     for field, value in (("lr", lr), ("lr_min", min_lr), ("lr_cycles", cycles), ("lr_power", power),
                          ("lr_step_size", step_size), ("lr_step_size_epochs", step_size_epochs),
                          ("updates_per_epoch", updates_per_epoch), ("lr_gamma", gamma),
-                         ("lr_decay_factor", decay_factor)):
-        _need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                         ("lr_decay_factor", decay_factor), ("lr_pct_start", pct_start),
+                         ("lr_div_factor", div_factor), ("lr_final_div_factor", final_div_factor)):
+        _need(isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value),
               f"{field} must be a finite number, got {value!r}")
     if name != "piecewise":
         _need(lr > 0, f"lr must be > 0, got {lr:g}")
@@ -518,6 +527,11 @@ def build_schedule(name, lr, total_updates, *, min_lr=0.0, warmup=0, cycles=1.0,
         a["warnings"].append(f"lr_cycle_decay is ignored by {name}: it applies to {', '.join(CYCLICAL)}")
     if a["piecewise"].strip() and name != "piecewise":
         a["warnings"].append(f"lr_piecewise is ignored because lr_schedule is {name}, not piecewise")
+    given = dict(lr_pct_start=pct_start, lr_div_factor=div_factor, lr_final_div_factor=final_div_factor)
+    changed = [f for f, default in ONE_CYCLE_DEFAULTS.items() if given[f] != default]
+    if changed and name != "one_cycle":
+        a["warnings"].append(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} ignored by {name}: "
+                             f"{'it applies' if len(changed) == 1 else 'they apply'} to one_cycle")
     fn, text = _BUILDERS[name](a)
     return Schedule(name, fn, total_updates, text, a["warnings"])
 
@@ -530,6 +544,7 @@ def from_config(cfg, plan) -> Schedule:
     return build_schedule(
         cfg.lr_schedule, cfg.lr, plan.weight_updates, min_lr=cfg.lr_min, warmup=cfg.lr_warmup,
         cycles=cfg.lr_cycles, power=cfg.lr_power, piecewise=cfg.lr_piecewise, step_size=cfg.lr_step_size,
-        step_size_epochs=cfg.lr_step_size_epochs, updates_per_epoch=plan.updates_per_epoch,
+        step_size_epochs=cfg.lr_step_size_epochs, updates_per_epoch=plan.updates_per_epoch_exact,
         gamma=cfg.lr_gamma, cycle_decay=cfg.lr_cycle_decay, decay_factor=cfg.lr_decay_factor,
-        extend=cfg.lr_extend, start=cfg.lr_cycle_start)
+        extend=cfg.lr_extend, start=cfg.lr_cycle_start, pct_start=cfg.lr_pct_start, div_factor=cfg.lr_div_factor,
+        final_div_factor=cfg.lr_final_div_factor)

@@ -12,8 +12,8 @@ import pytest
 
 from embedtrain.calculator import (MAX_COUNT, CalcError, cli, cycles_for_run, derive, full_cycle_settings,
                                    low_point_run, nearest_full_cycle, split_counts, step_size_for_cycles,
-                                   step_size_for_epochs, steps_for_target, study_table, updates_for_cycles,
-                                   updates_per_epoch)
+                                   step_size_for_epochs, step_size_for_k, steps_for_target, study_table,
+                                   updates_for_cycles, updates_per_epoch)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -180,6 +180,24 @@ def test_clr_helpers_on_20_images_bs4_end_on_the_low_point():
     assert steps_for_target(20, 4, 1, "batch", epochs=110) == 550
     # their decay variant: 3 + 2 + 1.5 cycles of step size 50
     assert sum(updates_for_cycles(c, 50) for c in (3, 2, 1.5)) == 650
+
+
+def test_step_size_for_k_rounds_halves_up_on_the_exact_product():
+    from fractions import Fraction
+    assert step_size_for_k(10, 4) == 40 and step_size_for_k(2.5, 5) == 13   # 12.5 -> 13, not the even 12
+    # 4.1 x 15 = 61.5 exactly; as floats 61.49999999999999, which rounded to 61 before there was one rounding
+    assert 4.1 * 15 + 0.5 < 62 and step_size_for_k(4.1, 15) == 62 == step_size_for_epochs(4.1, 15, 1)
+    # 10 images, BS 3: 10/3 updates per epoch; 1.5 x 10/3 = 5 exactly; 0.15 x 10/3 = 0.5 -> 1
+    assert derive(10, 3, 1, 30).updates_per_epoch_exact == Fraction(10, 3)
+    assert step_size_for_k(1.5, Fraction(10, 3)) == 5 and step_size_for_k(0.15, Fraction(10, 3)) == 1
+    # below half an update: 0 (schedules refuse it, naming the field), unless a minimum is asked for
+    assert step_size_for_k(0.1, 4) == 0 and step_size_for_k(0.1, 4, minimum=1) == 1
+    assert step_size_for_epochs(0.1, 16, 4) == 1
+    for bad, field in (((0, 4), "k"), ((float("nan"), 4), "k"), ((2, 0), "updates_per_epoch"),
+                       ((2, float("inf")), "updates_per_epoch"), ((True, 4), "k")):
+        with pytest.raises(CalcError) as err:
+            step_size_for_k(*bad)
+        assert err.value.field == field
 
 
 def test_range_test_setup_with_a_validation_split():

@@ -347,6 +347,24 @@ def test_users_cyclical_run_from_their_own_numbers():
     assert "step size 40 updates, 10 cycles" in describe(s)
 
 
+def test_step_size_in_epochs_is_the_calculators_whatever_the_path():
+    """lr_step_size_epochs through from_config, build_schedule with a float updates_per_epoch, and the
+    calculator's table give one step size: 4.1 x epoch of 15 updates = 61.5 -> 62 (a float product said 61)."""
+    from embedtrain.calculator import derive, step_size_for_epochs
+    from embedtrain.config import TrainConfig
+    from embedtrain.schedules import from_config
+    plan = derive(15, 1, 1, 400)
+    cfg = TrainConfig(model="tiny", data="d", name="zorblat", lr=1e-3, lr_schedule="triangular",
+                      lr_step_size_epochs=4.1)
+    assert step_size_for_epochs(4.1, 15, 1) == 62
+    assert "step size 62 updates" in describe(from_config(cfg, plan))
+    assert "step size 62 updates" in describe(build_schedule("triangular", 1e-3, 400, step_size_epochs=4.1,
+                                                             updates_per_epoch=15.0))
+    # 10 images, BS 3: 10/3 updates per epoch, exact through the plan
+    assert "step size 5 updates" in describe(from_config(cfg.replace(lr_step_size_epochs=1.5),
+                                                         derive(10, 3, 1, 400)))
+
+
 @pytest.mark.slow
 def test_trainer_follows_a_cycle_update_by_update_and_leaves_adamw_betas_alone(tiny_cfg, tmp_path, monkeypatch):
     import csv

@@ -278,3 +278,16 @@ def test_latent_cache_is_the_same_whatever_the_encode_batch():
         assert one.mean.shape[:3] == (2, 5, 4)
         torch.testing.assert_close(one.mean, many.mean, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(one.get([0], [True]), one.get([0], [False]))
+
+
+def test_the_runs_warnings_and_schedule_are_in_the_result_and_on_the_trainer(tiny_cfg, tmp_path):
+    import json
+    t = Trainer(tiny_cfg.replace(steps=3, lr_schedule="triangular", lr_min=1e-4, lr_step_size=2))
+    assert t.warnings == [] and t.schedule_description == ""   # set by a run, present before one
+    result = t.run(tmp_path / "run")
+    ends_high = [w for w in result.warnings if "not on the low point" in w]
+    assert ends_high and result.warnings == t.warnings
+    assert t.schedule_description.startswith("triangular 0.0001 -> ")
+    start = json.loads((tmp_path / "run" / "events.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["warnings"] == result.warnings
+    assert f"LR = {t.schedule_description}" in start["summary"]
