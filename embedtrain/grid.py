@@ -538,7 +538,7 @@ def render_batches(n_rows: int, n_cols: int, batch_size: int) -> list[list[int]]
 
 def demo_score_lines(images, n_cols: int) -> list[str]:
     """Per column, how many of its cells the demo world's judge reads as the held-out concept."""
-    from embedtrain.demo.score import judge
+    from embedtrain.demo.judge import judge
     from embedtrain.demo.world import HELD_OUT
     colour, shape = HELD_OUT
     hits = [0] * n_cols

@@ -8,6 +8,7 @@ import pytest
 @pytest.mark.slow
 def test_pretrain_continue_and_decoder_only_write_a_loadable_pipeline(tmp_path):
     from embedtrain.demo import pretrain
+    from embedtrain.demo.card import write_scores
     import torch
     from embedtrain.demo.score import load_demo_pipeline
     threads = torch.get_num_threads()
@@ -18,11 +19,9 @@ def test_pretrain_continue_and_decoder_only_write_a_loadable_pipeline(tmp_path):
     stats = json.loads((out / "pretrain_stats.json").read_text())
     assert stats["finished"] and stats["unet_steps_done"] == 3 and stats["offset_noise"] == 0.3
     scale = stats["scaling_factor"]
-    (out / "scores.json").write_text(json.dumps({"measured_on": pretrain.model_state(stats, out),
-                                                 "scores": {"seen": 0.5}, "status": "Status of 3 updates."}))
-    pretrain.write_card(out, stats)
-    card = (out / "README.md").read_text()
-    assert "- seen: 0.5" in card and "Status of 3 updates." in card and "Stale" not in card
+    write_scores(out, stats, {"seen": 0.5}, "Status of 3 updates.")
+    text = (out / "README.md").read_text()
+    assert "- seen: 0.5" in text and "Status of 3 updates." in text and "Stale" not in text
     unet_before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
     assert pretrain.cli([*common, "--continue", "--unet-steps", "2", "--lr", "5e-4"]) == 0
@@ -64,7 +63,7 @@ def _encoder(folder):
 
 
 def test_card_marks_scores_of_other_weights_and_reads_the_first_format(tmp_path):
-    from embedtrain.demo.pretrain import model_state, write_card
+    from embedtrain.demo.card import read_scores, write_card, write_scores
     stats = {"unet_steps_done": 10, "decoder_steps": 0}
     write_card(tmp_path, stats)
     assert "Not measured yet" in (tmp_path / "README.md").read_text()
@@ -72,9 +71,8 @@ def test_card_marks_scores_of_other_weights_and_reads_the_first_format(tmp_path)
     write_card(tmp_path, stats)
     card = (tmp_path / "README.md").read_text()
     assert "**Stale:** measured on another model state (not recorded)" in card and "- judge: 1.0" in card
-    (tmp_path / "scores.json").write_text(json.dumps({"measured_on": model_state(stats, tmp_path), "scores": {"judge": 1.0},
-                                                      "status": "All good."}))
-    write_card(tmp_path, stats)
+    write_scores(tmp_path, stats, {"judge": 1.0}, "All good.")            # scores.json and the card
+    assert read_scores(tmp_path)["scores"] == {"judge": 1.0}
     card = (tmp_path / "README.md").read_text()
     assert "Stale" not in card and card.rstrip().endswith("## Status\n\nAll good.")
     write_card(tmp_path, {**stats, "decoder_steps": 5})                  # a decoder phase changes the weights
@@ -92,7 +90,7 @@ def test_card_marks_scores_of_other_weights_and_reads_the_first_format(tmp_path)
 
 
 def test_a_card_saved_before_decoder_phases_were_logged_reads_its_one_phase():
-    from embedtrain.demo.pretrain import decoder_minutes, decoder_phases, vae_recon_first
+    from embedtrain.demo.card import decoder_minutes, decoder_phases, vae_recon_first
     flat = {"decoder_steps": 452, "decoder_command": "python -m embedtrain.demo.pretrain --decoder-only",
             "decoder_batch_size": 16, "decoder_lr": 5e-4, "decoder_loss": 0.037, "minutes_decoder": 9.2,
             "vae_recon_judge_accuracy_encoder_phase": 0.695, "vae_recon_judge_accuracy": 0.85}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from embedtrain.demo import world
-from embedtrain.demo.score import agrees, clean_accuracy, colour_class, judge, score_images
+from embedtrain.demo.judge import agrees, clean_accuracy, colour_class, judge, score_images
 from embedtrain.demo.world import HELD_OUT, PALETTE, Spec, complete, pretraining_sample, render
 
 

@@ -12,6 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from embedtrain.config import model_cfg_scale
+
+# How the demo model is sampled unless told otherwise: the scheduler saved with it (a diffusers class,
+# A1111's "Euler a"), its sampler steps, and its CFG scale (the demo preset's). Chosen by measurement,
+# see the model card's Status.
+SCHEDULER = "EulerAncestralDiscreteScheduler"
+SAMPLE_STEPS = 20
+GUIDANCE = model_cfg_scale("demo")
+
 # Sizes: the UNet/VAE/text-encoder hyper-parameters. `tiny` keeps the test suite fast; `demo` is the
 # size the pretrained demo model uses (64 px images, 16 x 16 latents). A dict passed to build_pipeline
 # may also set `layout="sd"` (SD 1.x's block order) and `vae_layers` (default 1).
