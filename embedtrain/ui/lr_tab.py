@@ -21,6 +21,7 @@ import gradio as gr
 import pandas as pd
 
 from embedtrain import EmbedtrainError
+from embedtrain.calculator import step_size_for_k
 from embedtrain.config import TEMPLATES, TrainConfig, apply_preset, default_run_name
 from embedtrain.ui.jobs import STATE_FILES, JobSlot, job_alive, launch, tail
 from embedtrain.ui.plots import typed_frame, with_series
@@ -150,7 +151,7 @@ def range_settings(report: dict, k: float) -> dict:
         raise EmbedtrainError("the range test gave no range to use; read its reasons, change the ramp and run again")
     if not (isinstance(k, (int, float)) and k > 0):
         raise EmbedtrainError(f"half cycle (k x epoch) must be > 0, got {k!r}")
-    step = max(1, int(k * report["updates_per_epoch"] + 0.5))
+    step = step_size_for_k(k, report["updates_per_epoch"], minimum=1)
     return {"lr_schedule": "triangular", "lr_min": float(f"{report['lower']:.3g}"),
             "lr": f"{report['upper']:.3g}", "lr_step_size": step, "lr_step_size_epochs": 0,
             "lr_cycle_start": "low"}

@@ -17,7 +17,7 @@ import gradio as gr
 import pandas as pd
 
 from embedtrain import EmbedtrainError
-from embedtrain.config import OPTIMIZERS, STEP_UNITS, TEMPLATES, TrainConfig, apply_preset
+from embedtrain.config import OPTIMIZERS, STEP_UNITS, TEMPLATES, TrainConfig, apply_preset, lr_fields
 from embedtrain.ui.context import api_parameters, servable_files
 from embedtrain.ui.plots import typed_frame, with_series
 
@@ -28,7 +28,7 @@ SCHEDULES = ["constant", "linear", "cosine", "cosine_restarts", "polynomial", "p
 FIELDS = ["model", "data", "name", "init_text", "vectors", "template", "batch_size", "grad_accum", "steps",
           "step_unit", "lr", "lr_schedule", "lr_piecewise", "lr_warmup", "lr_min", "lr_cycles", "lr_step_size",
           "lr_step_size_epochs", "lr_cycle_start", "lr_power", "lr_gamma", "lr_cycle_decay", "lr_decay_factor",
-          "lr_extend", "optimizer", "val_split", "val_every", "save_every",
+          "lr_extend", "lr_pct_start", "lr_div_factor", "lr_final_div_factor", "optimizer", "val_split", "val_every", "save_every",
           "preview_every", "preview_prompt", "seed", "resolution", "flip", "run_name"]
 
 INFO = {
@@ -54,15 +54,7 @@ def form_config(ctx, values: dict) -> TrainConfig:
     """The form's values as a validated TrainConfig (every shown field counts as typed: presets don't apply)."""
     data = dict(values)
     data["run_name"] = str(data.get("run_name") or "").strip()
-    lr = str(data.get("lr", "")).strip()
-    try:
-        data["lr"] = float(lr)
-    except ValueError:
-        if ":" in lr:  # A1111 piecewise typed into the LR box
-            data["lr_piecewise"], data["lr_schedule"], data["lr"] = lr, "piecewise", 0.0
-        else:
-            raise EmbedtrainError(f"lr must be a number such as 0.005 or A1111's '0.005:100, 1e-3:1000, 1e-5', "
-                                  f"got {lr!r}") from None
+    data.update(lr_fields(data.get("lr", "")))   # a number, or A1111's piecewise text typed into the LR box
     data["out"] = str(ctx.outputs)
     cfg = TrainConfig.from_dict(data).validate()   # types first: a preset is looked up by the model's text
     return apply_preset(cfg, explicit=set(data)).validate()  # presets fill only what the form doesn't show
@@ -475,6 +467,12 @@ def _length_and_lr(cfg, c: dict, ui: dict) -> None:
                                              minimum=0)
             c["lr_extend"] = gr.Checkbox(cfg.lr_extend, label="Hold the last piecewise LR to the end",
                                          info="instead of refusing a schedule shorter than the run")
+        with gr.Row():
+            c["lr_pct_start"] = gr.Number(cfg.lr_pct_start, label="one_cycle: rising part", minimum=0, maximum=1,
+                                          info="fraction of the run spent rising to the LR")
+            c["lr_div_factor"] = gr.Number(cfg.lr_div_factor, label="one_cycle: start = LR / this", minimum=1)
+            c["lr_final_div_factor"] = gr.Number(cfg.lr_final_div_factor, label="one_cycle: end = start / this",
+                                                 minimum=1)
     ui["schedule_plot"] = gr.LinePlot(x="update", y="lr", title="Learning rate schedule (preview)", height=200,
                                       x_title="weight update", y_title="learning rate")
     ui["schedule_desc"] = gr.Markdown("")
