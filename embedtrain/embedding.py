@@ -211,65 +211,59 @@ def _check_size(path: Path) -> int:
     return size
 
 
-def _safetensors_header(path: Path, size: int) -> dict:
-    """Read and check the header before any tensor data is touched: every entry must be a small
-    floating-point tensor whose offsets fit the file, so a lying header costs neither time nor memory."""
+def _check_header_length(path: Path, size: int) -> None:
+    """The 8-byte header length, bounded before anything else is read: a header past MAX_HEADER or past the
+    end of the file is refused unread (the safetensors library would otherwise allocate and parse it)."""
     with open(path, "rb") as fh:
         head = fh.read(8)
-        if len(head) < 8:
-            raise EmbeddingError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or n + 8 > size:
-            raise EmbeddingError(f"{path}: safetensors header claims {n} bytes in a {size}-byte file; "
-                                 "the file is truncated or not a safetensors file")
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise EmbeddingError(f"{path}: safetensors header is not valid JSON") from None
-    except ValueError as e:  # e.g. an integer of thousands of digits (Python's int-conversion limit)
-        raise EmbeddingError(f"{path}: safetensors header holds a value Python refuses to read "
-                             f"({_short(e)}); the file is damaged or hostile") from None
-    if not isinstance(header, dict):
-        raise EmbeddingError(f"{path}: safetensors header is not a JSON object")
-    data_len = size - 8 - n
-    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    if len(head) < 8:
+        raise EmbeddingError(f"{path}: not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER or n + 8 > size:
+        raise EmbeddingError(f"{path}: safetensors header claims {n} bytes in a {size}-byte file; "
+                             "the file is truncated or not a safetensors file")
+
+
+def _check_entries(path: Path, entries: dict) -> None:
+    """What makes a tensor file an embedding, checked from the header before any tensor data is read:
+    1 to 16 tensors, each floating point with at most 2 dimensions of embedding size. (That the JSON is
+    valid and the offsets fit each shape, dtype and the file is the safetensors library's check.)"""
     if not entries or len(entries) > 16:
         raise EmbeddingError(f"{path}: holds {len(entries)} tensors; an embedding file holds 1 to 16")
-    for key, e in entries.items():
+    for key, (dtype, shape) in entries.items():
         bad = f"{path}: tensor {key!r} in the safetensors header"
-        if not isinstance(e, dict) or not isinstance(e.get("shape"), list) or not isinstance(e.get("data_offsets"), list):
-            raise EmbeddingError(f"{bad} lacks dtype/shape/data_offsets")
-        if e.get("dtype") not in FLOAT_DTYPES:
-            raise EmbeddingError(f"{bad} has dtype {e.get('dtype')!r}; embeddings are floating point "
+        if dtype not in FLOAT_DTYPES:
+            raise EmbeddingError(f"{bad} has dtype {dtype!r}; embeddings are floating point "
                                  f"({', '.join(FLOAT_DTYPES)})")
-        shape, offs = e["shape"], e["data_offsets"]
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or len(shape) > 2 \
-                or (len(shape) == 2 and not (1 <= shape[0] <= MAX_VECTORS and 1 <= shape[1] <= MAX_DIM)) \
+        if len(shape) > 2 or (len(shape) == 2 and not (1 <= shape[0] <= MAX_VECTORS and 1 <= shape[1] <= MAX_DIM)) \
                 or (len(shape) == 1 and not 1 <= shape[0] <= MAX_DIM):
             raise EmbeddingError(f"{bad} has shape {shape}; expected [vectors <= {MAX_VECTORS}, dim <= {MAX_DIM}]")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs) \
-                or not 0 <= offs[0] <= offs[1] <= data_len or offs[1] - offs[0] != numel * FLOAT_DTYPES[e["dtype"]]:
-            raise EmbeddingError(f"{bad} has data_offsets {offs}, which do not fit its shape {shape} and "
-                                 f"{e['dtype']} in {data_len} bytes of data: the file is damaged or truncated")
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise EmbeddingError(f"{path}: safetensors __metadata__ is not a JSON object")
-    return meta
+
+
+def _library_reason(e: Exception) -> str:
+    """The safetensors library's error as a short clause ("Error while deserializing header: " is implied)."""
+    text = " ".join(str(e).split()).replace("Error while deserializing header: ", "")
+    return _short(text) if text else type(e).__name__
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """The tensors and metadata of a safetensors embedding. The header is parsed once, by the library's
+    `safe_open` (which checks it and maps the file, reading no tensor), after its length is bounded here;
+    the tensors are read only once every entry's dtype and shape is checked."""
+    from safetensors import SafetensorError, safe_open
 
-    meta = _safetensors_header(path, _check_size(path))
+    _check_header_length(path, _check_size(path))
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            entries = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
+            _check_entries(path, entries)
+            tensors = {k: f.get_tensor(k) for k in entries}
+    except EmbeddingError:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise EmbeddingError(f"{path}: cannot read safetensors data ({e})") from None
+        raise EmbeddingError(f"{path}: not a valid safetensors file ({_library_reason(e)}); the file is damaged, "
+                             "truncated or not an embedding") from None
     return tensors, {str(k): str(v) for k, v in meta.items()}
 
 

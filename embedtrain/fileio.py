@@ -1,5 +1,6 @@
 """Atomic file writes: a crash never leaves a half-written file where a good one was. Also which
-files are embeddings, told without torch (the web UI lists them and must not import torch).
+files are embeddings, told without torch (the web UI lists them and must not import torch), and a run's
+log.csv read back (the LR finder's curves, the LR tab's live plot).
 
 Write to a temp file in the same folder, flush + fsync, then os.replace (atomic on POSIX and
 Windows when source and target share a filesystem). The file gets the mode a plain open() gives a
@@ -9,6 +10,7 @@ user must be able to read the embeddings, snapshots and grids.
 
 from __future__ import annotations
 
+import csv
 import os
 import struct
 import tempfile
@@ -91,6 +93,22 @@ def atomic_write_bytes(path, data: bytes) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_log_rows(path, missing_ok: bool = False) -> list[dict]:
+    """A run's log.csv as one dict per row, column name -> text ('' where the trainer left a value empty;
+    None for the fields of a last row a kill cut short). Bytes that are not UTF-8 are read as U+FFFD.
+
+    missing_ok: a file that does not exist (yet) or is not CSV gives [] instead of raising: a live view
+    polls a run folder before the trainer has written its log. The incremental reader of a followed run
+    is ui.jobs' (it reads only what was appended since the last poll)."""
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+            return list(csv.DictReader(fh))
+    except (FileNotFoundError, csv.Error):
+        if missing_ok:
+            return []
+        raise
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from embedtrain import EmbedtrainError
 from embedtrain.config import (MAX_LR, MAX_STEPS, ConfigError, TrainConfig, add_arguments, config_from_args,
                                read_settings)
+from embedtrain.fileio import read_log_rows
 
 RAMPS = ("linear", "exponential")
 FALL_FRACTION = 0.10   # the loss "starts to fall" once 10% of its total fall is done
@@ -404,7 +405,7 @@ def range_test(cfg: TrainConfig, out_dir, *, ramp: str = "linear", start_lr: flo
     """Run the range test into `out_dir` and write lr_find.csv / .json / .png. Returns the JSON dict.
 
     cfg: the training settings (model, data, token, batch size...). ramp: linear or exponential.
-    start_lr / end_lr: default 0 (linear) or lr/100 (exponential) up to 10 x cfg.lr. updates: K, the
+    start_lr / end_lr: default 0 (linear) or end_lr/1000 (exponential) up to 10 x cfg.lr. updates: K, the
     ramp's length in weight updates. val_every: updates between validation measurements (default
     K / 20). trainer: a loaded Trainer to reuse. stop(): True ends the ramp early.
     """
@@ -445,7 +446,7 @@ def range_test(cfg: TrainConfig, out_dir, *, ramp: str = "linear", start_lr: flo
     result = trainer.run(out_dir / "range", on_event=on_event, schedule=schedule,
                          stop=lambda: points["diverged"] or bool(stop and stop()))
     (out_dir / "range" / "resume.pt").unlink(missing_ok=True)  # a ramp is not worth resuming
-    rows, cut = finite_rows(_read_log(out_dir / "range" / "log.csv"), column)
+    rows, cut = finite_rows(read_log_rows(out_dir / "range" / "log.csv"), column)
     meas = [(0, start_lr, start_loss)] + [(int(r["update"]), float(r["lr"]), float(r[column])) for r in rows
                                           if r.get(column) not in ("", None)]
     lrs = [m[1] for m in meas]
@@ -493,11 +494,6 @@ def finite_rows(rows: list[dict], column: str) -> tuple[list[dict], dict | None]
             if not ok:
                 return rows[:i], r
     return rows, None
-
-
-def _read_log(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -603,7 +599,7 @@ def sweep(cfg: TrainConfig, out_dir, *, candidates=None, epochs: float = 8, val_
         result = trainer.run(run_dir, stop=stop)
         (run_dir / "resume.pt").unlink(missing_ok=True)
         times.append(time.perf_counter() - t)
-        rows, cut = finite_rows(_read_log(run_dir / "log.csv"), column)
+        rows, cut = finite_rows(read_log_rows(run_dir / "log.csv"), column)
         pts = [(0, start_loss)] + [(int(r["update"]), float(r[column])) for r in rows if r.get(column) not in ("", None)]
         # a run that failed before its first measurement has only the start point: read it as flat
         curve = pts if len(pts) >= 2 else pts + [(pts[0][0] + 1, pts[0][1])]
