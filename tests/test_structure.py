@@ -1,8 +1,9 @@
-"""The package's import graph: no module imports, directly or through others, a module that imports it back.
+"""The package's shape, read with ast: no import cycles, and no function over MAX_FUNCTION_LINES.
 
-Imports inside functions count too (most of embedtrain imports lazily, so torch stays out of `calc` and the
-web server): a cycle of lazy imports still ties two modules into one. Read with ast; every module is also
-imported for real, so a module that only breaks at import time fails here too."""
+Import graph: no module imports, directly or through others, a module that imports it back. Imports inside
+functions count too (most of embedtrain imports lazily, so torch stays out of `calc` and the web server): a
+cycle of lazy imports still ties two modules into one. Every module is also imported for real, so a module
+that only breaks at import time fails here too."""
 
 import ast
 import importlib
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "embedtrain"
+MAX_FUNCTION_LINES = 100   # a longer function is split into named steps (Trainer.run, the Train tab's build)
 
 
 def module_names() -> dict[str, Path]:
@@ -112,3 +114,14 @@ def test_demo_pretrain_and_score_do_not_import_each_other():
 @pytest.mark.parametrize("name", list(module_names()))
 def test_every_module_imports(name):
     importlib.import_module(name)
+
+
+def test_no_function_is_over_the_length_limit():
+    long = []
+    for name, path in module_names().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name} ({path.name}:{node.lineno}): {lines} lines")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: " + "; ".join(long)
