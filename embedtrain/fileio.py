@@ -103,12 +103,17 @@ def read_log_rows(path, missing_ok: bool = False) -> list[dict]:
     polls a run folder before the trainer has written its log. The incremental reader of a followed run
     is ui.jobs' (it reads only what was appended since the last poll)."""
     try:
-        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-            return list(csv.DictReader(fh))
+        return list(iter_log_rows(path))
     except (FileNotFoundError, csv.Error):
         if missing_ok:
             return []
         raise
+
+
+def iter_log_rows(path):
+    """read_log_rows one row at a time, for a log too long to hold whole (the trainer's rewrite on resume)."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        yield from csv.DictReader(fh)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from embedtrain.fileio import read_log_rows
+from embedtrain.fileio import iter_log_rows, read_log_rows
 
 HEADER = "update,batch,epoch,images_seen,loss,val_loss,val_train_loss,lr,effective_lr,time_s\n"
 
@@ -14,6 +14,7 @@ def test_rows_are_text_with_empty_values_kept_and_a_cut_row_marked(tmp_path):
     assert [r["update"] for r in rows] == ["1", "2", "3"]
     assert rows[0]["val_loss"] == "" and rows[1]["val_loss"] == "0.3"
     assert rows[2]["loss"] is None                     # the last row a kill cut short
+    assert list(iter_log_rows(path)) == rows
 
 
 def test_a_missing_log_raises_unless_a_live_view_asks(tmp_path):
