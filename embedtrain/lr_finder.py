@@ -31,6 +31,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from embedtrain import EmbedtrainError
+from embedtrain.calculator import step_size_for_k
 from embedtrain.config import (MAX_LR, MAX_STEPS, ConfigError, TrainConfig, add_arguments, config_from_args,
                                read_settings)
 from embedtrain.fileio import read_log_rows
@@ -472,7 +473,7 @@ def range_test(cfg: TrainConfig, out_dir, *, ramp: str = "linear", start_lr: flo
         "batch_size": trainer.cfg.batch_size, "grad_accum": trainer.cfg.grad_accum,
         "updates_per_epoch": upe,
         # Smith: a half cycle of 2-10 x epoch; 4 is the suggestion the UI's "Use this range" starts from.
-        "step_size": max(1, math.floor(4 * upe + 0.5)),
+        "step_size": step_size_for_k(4, trainer.plan.updates_per_epoch_exact, minimum=1),
         "load_s": round(load_s, 2), "run_s": round(time.perf_counter() - t0 - load_s, 2),
     }
     _write_range_files(out_dir, rows, column, meas, sug, report)

@@ -11,7 +11,6 @@ verdict_markdown, range_settings, lr_settings) are tested without a browser. No 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -22,6 +21,7 @@ import pandas as pd
 
 from embedtrain import EmbedtrainError
 from embedtrain.calculator import step_size_for_k
+from embedtrain.fileio import read_log_rows
 from embedtrain.config import TEMPLATES, TrainConfig, apply_preset, default_run_name
 from embedtrain.ui.jobs import STATE_FILES, JobSlot, job_alive, launch, tail
 from embedtrain.ui.plots import typed_frame, with_series
@@ -79,14 +79,6 @@ def finder_argv(kind: str, values: dict, opts: dict, out: Path, run_name: str) -
     return argv + ["--out", str(out), "--run-name", run_name]
 
 
-def _read_rows(path: Path) -> list[dict]:
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    except (FileNotFoundError, csv.Error):
-        return []
-
-
 def _val(row: dict):
     for key in ("val_loss", "val_train_loss"):
         v = row.get(key)
@@ -102,7 +94,7 @@ def progress_frame(kind: str, run_dir: Path) -> pd.DataFrame:
     run_dir = Path(run_dir)
     rows = []
     if kind == "range":
-        for r in _read_rows(run_dir / "range" / "log.csv"):
+        for r in read_log_rows(run_dir / "range" / "log.csv", missing_ok=True):
             v = _val(r)
             if v is not None:
                 rows.append((float(r["lr"]), v, "validation loss"))
@@ -114,7 +106,7 @@ def progress_frame(kind: str, run_dir: Path) -> pd.DataFrame:
             shade = math.log10(float(lr_text))
         except ValueError:
             continue
-        for r in _read_rows(d / "log.csv"):
+        for r in read_log_rows(d / "log.csv", missing_ok=True):
             v = _val(r)
             if v is not None:
                 rows.append((int(r["update"]), v, "LR " + lr_text, shade))
