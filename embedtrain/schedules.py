@@ -53,7 +53,7 @@ def _warm(u, warmup):
     return u / warmup if u < warmup else 1.0
 
 
-def _progress(u, warmup, total):
+def _decay_fraction(u, warmup, total):
     """Fraction of the post-warmup decay done at update u, clamped to [0, 1]."""
     span = total - warmup
     if span <= 0:  # the warmup takes the whole run: there is no decay to make
@@ -68,20 +68,20 @@ def constant(u, lr, warmup=0):
 def linear(u, lr, total, min_lr=0.0, warmup=0):
     if u < warmup:
         return lr * u / warmup
-    return min_lr + (lr - min_lr) * (1.0 - _progress(u, warmup, total))
+    return min_lr + (lr - min_lr) * (1.0 - _decay_fraction(u, warmup, total))
 
 
 def cosine(u, lr, total, min_lr=0.0, warmup=0):
     if u < warmup:
         return lr * u / warmup
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * _progress(u, warmup, total)))
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * _decay_fraction(u, warmup, total)))
 
 
 def cosine_restarts(u, lr, total, cycles=1.0, min_lr=0.0, warmup=0):
     """`cycles` cosine decays back to back, each restarting at lr: cycles - 1 hard restarts."""
     if u < warmup:
         return lr * u / warmup
-    p = _progress(u, warmup, total)
+    p = _decay_fraction(u, warmup, total)
     if p >= 1.0:  # without this the modulo below would restart at lr after the run
         return min_lr
     phase = (p * cycles) % 1.0
@@ -91,7 +91,7 @@ def cosine_restarts(u, lr, total, cycles=1.0, min_lr=0.0, warmup=0):
 def polynomial(u, lr, total, power=1.0, min_lr=0.0, warmup=0):
     if u < warmup:
         return lr * u / warmup
-    return min_lr + (lr - min_lr) * (1.0 - _progress(u, warmup, total)) ** power
+    return min_lr + (lr - min_lr) * (1.0 - _decay_fraction(u, warmup, total)) ** power
 
 
 def piecewise(u, parts, warmup=0):
@@ -249,7 +249,7 @@ class Schedule:
         return f"Schedule({self.description!r})"
 
 
-def describe(schedule):
+def describe_schedule(schedule):
     """One line for the UI, e.g. 'triangular 0 -> 1.13e-06, step size 40 updates, 10 cycles'."""
     return getattr(schedule, "description", None) or "custom"
 
@@ -362,7 +362,7 @@ def _parse_cycle_decay(text):
 
 
 def _stepped_top(a, s):
-    """(u -> multiplier of the cycle's amplitude, text for describe); (None, "") without lr_cycle_decay."""
+    """(u -> multiplier of the cycle's amplitude, text for describe_schedule); (None, "") without lr_cycle_decay."""
     if not a["cycle_decay"].strip():
         return None, ""
     stages = _parse_cycle_decay(a["cycle_decay"])

@@ -393,12 +393,12 @@ class Trainer:
         """The schedule and its warnings, the optimizer (and on resume its state), the run folder's first
         files, the start event and the log: the state of a run about to make its first update."""
         from embedtrain import data, optimizers
-        from embedtrain.schedules import describe, from_config
+        from embedtrain.schedules import describe_schedule, from_config
 
         cfg, plan, main = self.cfg, self.plan, self.rank == 0
         if schedule is None:
             schedule = from_config(cfg, plan)
-            self.schedule_description = describe(schedule)
+            self.schedule_description = describe_schedule(schedule)
         else:
             self.schedule_description = getattr(schedule, "description", "custom")
         self.warnings = list(getattr(schedule, "warnings", []))
@@ -430,7 +430,7 @@ class Trainer:
                        t_start=time.perf_counter())
         optimizers.set_mode(optimizer, True)
         st.scaler = self.grad_scaler()
-        st.bar = _progress(plan.weight_updates, update, main)
+        st.bar = _progress_bar(plan.weight_updates, update, main)
         return st
 
     def _weight_update(self, st: _RunState) -> str:
@@ -763,7 +763,7 @@ def _dist_state(device: str = "auto") -> dict:
     return {"rank": 0, "world": 1, "device": None}
 
 
-def _progress(total: int, start: int, enabled: bool):
+def _progress_bar(total: int, start: int, enabled: bool):
     if not enabled or not sys.stderr.isatty() and os.environ.get("EMBEDTRAIN_PROGRESS") != "1":
         return None
     from tqdm.auto import tqdm
@@ -783,13 +783,12 @@ class _CsvLog:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         if keep_until is not None and path.exists():
-            from embedtrain.fileio import atomic_path
-            with atomic_path(path) as tmp, open(path, newline="", encoding="utf-8", errors="replace") as old, \
-                    open(tmp, "w", newline="", encoding="utf-8") as new:
+            from embedtrain.fileio import atomic_path, iter_log_rows
+            with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as new:
                 writer = csv.DictWriter(new, fieldnames=LOG_COLUMNS, extrasaction="ignore")
                 writer.writeheader()
                 last = 0
-                for row in csv.DictReader(old):
+                for row in iter_log_rows(path):
                     update = _row_update(row)
                     if update is None or update <= last or update > keep_until:
                         continue

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from embedtrain import EmbedtrainError
-from embedtrain.schedules import (SCHEDULES, ScheduleError, build_schedule, describe, low_point_updates,
+from embedtrain.schedules import (SCHEDULES, ScheduleError, build_schedule, describe_schedule, low_point_updates,
                                   parse_piecewise)
 
 TOP = 1.13e-6  # the users' upper bound (docs/guide.md#range-test)
@@ -111,7 +111,7 @@ def test_piecewise_unroll():
     s = build_schedule("piecewise", 0, 6, piecewise="0.5:2, 0.25:4, 0.125")
     close(s.unroll(), [.5, .5, .25, .25, .125, .125])
     assert s.warnings == []
-    assert describe(s) == "piecewise 0.5 until 2, 0.25 until 4, then 0.125"
+    assert describe_schedule(s) == "piecewise 0.5 until 2, 0.25 until 4, then 0.125"
     # The A1111 example: 0.005 for u < 100, 1e-3 for u < 1000, then 1e-5.
     s = build_schedule("piecewise", 0, 2000, piecewise="0.005:100, 1e-3:1000, 1e-5")
     assert [s(u) for u in (0, 99, 100, 999, 1000, 1999)] == [0.005, 0.005, 1e-3, 1e-3, 1e-5, 1e-5]
@@ -147,7 +147,7 @@ def test_users_800_update_run_step_size_40():
     close([s(u) for u in (0, 20, 40, 60, 80, 799)], [0, TOP / 2, TOP, TOP / 2, 0, TOP / 40], rel=1e-9)
     assert maxima(lrs) == list(range(40, 800, 80)) and len(maxima(lrs)) == 10
     assert s(800) == 0.0 and s.warnings == []
-    assert describe(s) == "triangular 0 -> 1.13e-06, step size 40 updates, 10 cycles"
+    assert describe_schedule(s) == "triangular 0 -> 1.13e-06, step size 40 updates, 10 cycles"
     # Same run from cycles=10 instead of a step size.
     assert build_schedule("triangular", TOP, 800, cycles=10).unroll() == lrs
 
@@ -197,7 +197,7 @@ def test_users_decayed_run_3_2_1_5_cycles(shape):
     lrs = s.unroll()
     assert max(lrs[:300]) == TOP and max(lrs[300:500]) == pytest.approx(5.65e-7) and \
         max(lrs[500:]) == pytest.approx(2.83e-7, rel=2e-3)
-    assert "3 at 1.13e-06, 2 at 5.65e-07, 1.5 at 2.825e-07" in describe(s)
+    assert "3 at 1.13e-06, 2 at 5.65e-07, 1.5 at 2.825e-07" in describe_schedule(s)
     # Without a step size, the stages' 6.5 cycles over 650 updates give the same step size of 50.
     assert build_schedule(shape, TOP, 650, cycle_decay="3,2,1.5", start="high").unroll() == lrs
 
@@ -213,7 +213,7 @@ def test_decayed_top_starting_low_and_its_checks():
     s = build_schedule("triangular", TOP, 650, step_size=50, cycle_decay="3,2", start="high", extend=True)
     assert s(600) == pytest.approx(5.65e-7) and "last top holds" in s.warnings[0]
     s = build_schedule("triangular", TOP, 600, cycles=4, cycle_decay="3,2,1")
-    assert "step size 50 updates" in describe(s) and "lr_cycles=4 is ignored" in s.warnings[0]
+    assert "step size 50 updates" in describe_schedule(s) and "lr_cycles=4 is ignored" in s.warnings[0]
     # Stages longer than the run: a warning.
     s = build_schedule("triangular", TOP, 400, step_size=50, cycle_decay="3,2,1.5")
     assert "never run" in s.warnings[0]
@@ -225,11 +225,11 @@ def test_decayed_top_starting_low_and_its_checks():
 
 def test_step_size_from_epochs_and_from_cycles():
     s = build_schedule("triangular", TOP, 800, step_size_epochs=10, updates_per_epoch=4)
-    assert "step size 40 updates" in describe(s) and s(40) == TOP and s(80) == 0
+    assert "step size 40 updates" in describe_schedule(s) and s(40) == TOP and s(80) == 0
     # 2.5 x 5 = 12.5 rounds half up to 13 (Python's round() would give the even 12).
-    assert "step size 13 updates" in describe(build_schedule("triangular", 1.0, 52, step_size_epochs=2.5,
+    assert "step size 13 updates" in describe_schedule(build_schedule("triangular", 1.0, 52, step_size_epochs=2.5,
                                                              updates_per_epoch=5))
-    assert "step size 50 updates, 5.5 cycles" in describe(build_schedule("triangular", 1.0, 550, cycles=5.5))
+    assert "step size 50 updates, 5.5 cycles" in describe_schedule(build_schedule("triangular", 1.0, 550, cycles=5.5))
     # Default: one cycle over the whole run.
     s = build_schedule("triangular", 1.0, 100)
     assert s(50) == 1.0 and s(25) == 0.5 and s.warnings == []
@@ -281,7 +281,7 @@ def test_one_cycle():
     # .025 + .975 x (1 + cos(pi k / 8)) / 2 for k = 1..7, worked out on a calculator
     close(s.unroll(12), [.25, .5, .75, 1, 0.9628912721, 0.8572145558, 0.6990581733, 0.5125, 0.3259418267,
                          0.1677854442, 0.0621087279, 0.025], rel=1e-8)
-    assert describe(s) == "one_cycle 0.25 -> 1 over 3 updates -> 0.025 at update 11"
+    assert describe_schedule(s) == "one_cycle 0.25 -> 1 over 3 updates -> 0.025 at update 11"
     # lr_warmup sets the rise, lr_min the final LR; defaults div 25, final div 1e4.
     s = build_schedule("one_cycle", 1.0, 10, warmup=5, min_lr=0.01)
     assert s(0) == 0.04 and s(5) == 1.0 and s(10) == 0.01
@@ -325,7 +325,7 @@ def test_every_name_builds_and_describes():
     assert len(SCHEDULES) == 11
     for name in SCHEDULES:
         s = build_schedule(name, 1e-3, 100, piecewise="1e-3:50, 1e-4")
-        assert s.name == name and describe(s).startswith(name) and len(s.unroll()) == 100
+        assert s.name == name and describe_schedule(s).startswith(name) and len(s.unroll()) == 100
         assert all(0 <= lr <= 1e-3 for lr in s.unroll())
 
 
@@ -344,7 +344,7 @@ def test_users_cyclical_run_from_their_own_numbers():
                        updates_per_epoch=plan.updates_per_epoch)
     lrs = s.unroll()
     assert len(maxima(lrs)) == 10 and max(lrs) == TOP and min(lrs) == 0.0
-    assert "step size 40 updates, 10 cycles" in describe(s)
+    assert "step size 40 updates, 10 cycles" in describe_schedule(s)
 
 
 def test_step_size_in_epochs_is_the_calculators_whatever_the_path():
@@ -357,11 +357,11 @@ def test_step_size_in_epochs_is_the_calculators_whatever_the_path():
     cfg = TrainConfig(model="tiny", data="d", name="zorblat", lr=1e-3, lr_schedule="triangular",
                       lr_step_size_epochs=4.1)
     assert step_size_for_epochs(4.1, 15, 1) == 62
-    assert "step size 62 updates" in describe(from_config(cfg, plan))
-    assert "step size 62 updates" in describe(build_schedule("triangular", 1e-3, 400, step_size_epochs=4.1,
+    assert "step size 62 updates" in describe_schedule(from_config(cfg, plan))
+    assert "step size 62 updates" in describe_schedule(build_schedule("triangular", 1e-3, 400, step_size_epochs=4.1,
                                                              updates_per_epoch=15.0))
     # 10 images, BS 3: 10/3 updates per epoch, exact through the plan
-    assert "step size 5 updates" in describe(from_config(cfg.replace(lr_step_size_epochs=1.5),
+    assert "step size 5 updates" in describe_schedule(from_config(cfg.replace(lr_step_size_epochs=1.5),
                                                          derive(10, 3, 1, 400)))
 
 

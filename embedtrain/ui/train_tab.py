@@ -115,7 +115,7 @@ def form_checks(ctx, values: dict, labels: dict | None = None) -> tuple[dict, li
 def schedule_frame(ctx, values: dict) -> tuple[pd.DataFrame, str]:
     """LR against weight update for the form's schedule (at most ~400 points), and a description or error."""
     from embedtrain.calculator import derive, split_counts
-    from embedtrain.schedules import describe, from_config
+    from embedtrain.schedules import describe_schedule, from_config
     try:
         cfg = form_config(ctx, values)
         train, _ = split_counts(_count_images(cfg.data, ctx), cfg.val_split)
@@ -126,7 +126,7 @@ def schedule_frame(ctx, values: dict) -> tuple[pd.DataFrame, str]:
     n = d.weight_updates
     stride = max(1, n // 400)
     us = list(range(0, n, stride)) + [n - 1]
-    return pd.DataFrame({"update": [u + 1 for u in us], "lr": [s(u) for u in us]}), describe(s)
+    return pd.DataFrame({"update": [u + 1 for u in us], "lr": [s(u) for u in us]}), describe_schedule(s)
 
 
 _count_cache: dict = {}
