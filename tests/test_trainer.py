@@ -65,8 +65,8 @@ def test_logged_epochs_and_updates_match_the_calculator(tiny_cfg, tmp_path, bs, 
     assert int(last["batch"]) == batches
     assert int(last["images_seen"]) == batches * bs
     assert float(last["epoch"]) == pytest.approx(batches * bs / 8, abs=1e-4)
-    if batches == plan.batches:  # no incomplete accumulation group: the calculator's epochs exactly
-        assert math.floor(float(last["epoch"]) + 1e-9) == plan.epochs_floor
+    assert batches == plan.batches   # these settings leave no incomplete accumulation group ...
+    assert math.floor(float(last["epoch"]) + 1e-9) == plan.epochs_floor   # ... so the calculator's epochs exactly
 
 
 def test_grad_accum_equals_one_big_batch(tiny_cfg, tmp_path):
