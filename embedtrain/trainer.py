@@ -930,6 +930,7 @@ def cli(argv) -> int:
         print("\nstop requested: finishing the current update and saving (Ctrl-C again to abort)",
               file=sys.stderr)
 
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.resume:
             run_dir = Path(args.resume)
@@ -971,6 +972,9 @@ def cli(argv) -> int:
         print("aborted (stop asked twice): the embedding files and resume state written before are intact",
               file=sys.stderr)
         return 130
+    finally:   # an in-process caller (a test, a script) gets its own handling back, not SIG_IGN for good
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not main:
         return 1 if result.status == "failed" else 0
     if result.status == "failed":
