@@ -930,7 +930,6 @@ def cli(argv) -> int:
         print("\nstop requested: finishing the current update and saving (Ctrl-C again to abort)",
               file=sys.stderr)
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.resume:
             run_dir = Path(args.resume)
@@ -954,7 +953,9 @@ def cli(argv) -> int:
         # this process is still importing, and that stop must not be lost (the JobManager clears stale ones).
         result = train(cfg, run_dir, resume=bool(args.resume),
                        stop=lambda: stop_requested["n"] > 0 or stop_file.exists())
-        # Saved and done: a Ctrl-C arriving now has nothing left to abort (it would only break the report).
+        # Saved and done: a Ctrl-C arriving now has nothing left to abort (it would only break the report),
+        # and torchrun's SIGTERM to the other ranks must not break their teardown. This is the process's
+        # entry point: a caller that runs cli() in-process and goes on must restore its own handlers.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if result.status == "stopped" and main:
@@ -972,9 +973,6 @@ def cli(argv) -> int:
         print("aborted (stop asked twice): the embedding files and resume state written before are intact",
               file=sys.stderr)
         return 130
-    finally:   # an in-process caller (a test, a script) gets its own handling back, not SIG_IGN for good
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     if not main:
         return 1 if result.status == "failed" else 0
     if result.status == "failed":
