@@ -913,6 +913,18 @@ def _check_writable(folder: Path) -> None:
                           "outputs folder") from None
 
 
+def _leave_process_group() -> None:
+    """End a multi-process run together: every rank waits for the others, then the process group is torn
+    down before the interpreter exits (left to exit, gloo's threads sometimes aborted a rank with
+    "terminate called without an active exception", failing a finished torchrun run)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def cli(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m embedtrain train",
                                      description="Train a textual-inversion embedding.")
@@ -953,6 +965,7 @@ def cli(argv) -> int:
         # this process is still importing, and that stop must not be lost (the JobManager clears stale ones).
         result = train(cfg, run_dir, resume=bool(args.resume),
                        stop=lambda: stop_requested["n"] > 0 or stop_file.exists())
+        _leave_process_group()
         # Saved and done: a Ctrl-C arriving now has nothing left to abort (it would only break the report),
         # and torchrun's SIGTERM to the other ranks must not break their teardown. This is the process's
         # entry point: a caller that runs cli() in-process and goes on must restore its own handlers.
