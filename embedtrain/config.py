@@ -81,6 +81,16 @@ def default_run_name(name: str, kind: str = "", when: float | None = None) -> st
     return head + suffix
 
 
+def _utf8(raw: bytes, what: str, hint: str, encoding: str = "utf-8") -> str:
+    """A settings or template file's bytes as text, or one ConfigError saying where the first byte that is
+    not UTF-8 is and what to do (`hint`)."""
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} is not UTF-8 text (byte 0x{raw[e.start]:02x} at position {e.start}); "
+                          f"{hint}") from None
+
+
 def read_settings(path, what: str = "config file") -> dict:
     """A settings JSON file as a dict, or one ConfigError naming the file and what is wrong: missing, a
     folder, unreadable, over MAX_SETTINGS_FILE, not UTF-8, not JSON (numbers past Python's int limit or
@@ -99,11 +109,7 @@ def read_settings(path, what: str = "config file") -> dict:
         raise ConfigError(f"{what} {path} does not exist") from None
     except OSError as e:
         raise ConfigError(f"{what} {path} cannot be read ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at position {e.start}); "
-                          "save it as UTF-8 JSON") from None
+    text = _utf8(raw, f"{what} {path}", "save it as UTF-8 JSON", "utf-8-sig")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -331,11 +337,7 @@ def _check_template_file(path: Path) -> None:
         raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"template file {path} cannot be read ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"template file {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at position "
-                          f"{e.start}); save it as UTF-8, one prompt per line with [name]") from None
+    text = _utf8(raw, f"template file {path}", "save it as UTF-8, one prompt per line with [name]")
     if not any(line.strip() for line in text.splitlines()):
         raise ConfigError(f"template file {path} has no lines; write one prompt per line with [name]")
 
