@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     from embedtrain.ui.app import CSS, build_app
     from embedtrain.ui.context import UIContext
 
-    ctx = UIContext(outputs=Path(args.outputs), model=args.model, data=args.data, allow=args.allow_dir).serve()
+    ctx = UIContext(outputs=Path(args.outputs), model=args.model, data=args.data, allow=args.allow_dir)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
     # share is always passed: left out, Gradio opens a public link by itself in Colab, Kaggle or with

@@ -19,9 +19,7 @@ from conftest import ROOT, make_images
 def site(tmp_path, monkeypatch):
     """An outputs folder, the default dataset, an --allow-dir folder, and a secret folder beside them whose
     caption holds a token that must never come back."""
-    from embedtrain.ui import context
     from embedtrain.ui.context import UIContext
-    monkeypatch.setattr(context, "_SERVING", None, raising=False)   # restored after the test: serve() sets it
     secret = make_images(tmp_path / "secret", 2)
     (secret / "img00.txt").write_text("SECRET-TOKEN-123")
     ctx = UIContext(outputs=tmp_path / "outputs", data=str(make_images(tmp_path / "data", 3)),
@@ -66,16 +64,11 @@ def test_dataset_box_and_count_read_only_allowed_folders(site, monkeypatch):
         _count_images(str(secret), ctx)
     assert dataset_view(str(tmp / "more"), ctx)[0].startswith("2 usable images")
     assert _count_images(str(tmp / "data"), ctx) == 3
-    # The page's event passes only the folder: the served context (app.py calls serve()) applies.
     assert dataset_view(str(secret))[0].startswith("2 usable images")         # a library call: no limits
-    ctx.serve()
-    assert dataset_view(str(secret)) == (text, [])
-    with pytest.raises(EmbedtrainError, match="not one the web UI may read"):
-        _count_images(str(secret))
-    # The Train tab's checks, the calculator's "Read the Train tab" use the same count.
+    # The Train tab's checks, the calculator's "Read the Train tab" use the same count, with the page's ctx.
     from embedtrain.ui.calculator_tab import from_train
-    assert from_train(str(secret), 1, 1, 10, "update", 0)["images"] == 0
-    assert from_train(str(tmp / "data"), 1, 1, 10, "update", 0)["images"] == 3
+    assert from_train(str(secret), 1, 1, 10, "update", 0, ctx=ctx)["images"] == 0
+    assert from_train(str(tmp / "data"), 1, 1, 10, "update", 0, ctx=ctx)["images"] == 3
 
 
 def test_servable_files_are_regular_files_inside_the_root(tmp_path):
@@ -135,8 +128,9 @@ def test_no_share_link_unless_asked_and_never_without_auth(tmp_path, monkeypatch
     is refused without --auth like a non-local --host."""
     import gradio as gr
 
-    from embedtrain.ui import context
-    monkeypatch.setattr(context, "_SERVING", None, raising=False)
+    from embedtrain.ui import app as ui_app, context
+    built, build = [], ui_app.build_app
+    monkeypatch.setattr(ui_app, "build_app", lambda ctx: built.append(ctx) or build(ctx))   # the served context
     calls = []
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: calls.append(kw))
     monkeypatch.setenv("GRADIO_SHARE", "true")
@@ -153,7 +147,7 @@ def test_no_share_link_unless_asked_and_never_without_auth(tmp_path, monkeypatch
     assert app.main(out + ["--share", "--insecure"]) == 0 and calls[-1]["share"] is True
     # --allow-dir reaches the served context's rule
     assert app.main(out + ["--allow-dir", str(tmp_path / "a"), "--allow-dir", str(tmp_path / "b")]) == 0
-    served = context.serving()
+    served = built[-1]
     assert served.allowed_folder(tmp_path / "b" / "x") == tmp_path / "b" / "x"
     with pytest.raises(context.NotAllowed):
         served.allowed_folder(tmp_path / "c")

@@ -113,13 +113,6 @@ class UIContext:
         """servable_files inside the outputs folder: for every list of files the UI returns to a page."""
         return servable_files(paths, self.outputs)
 
-    def serve(self) -> "UIContext":
-        """Make this the web server's context: helpers called without one (train_tab.dataset_view and
-        _count_images, whose event wiring passes only the folder) apply its allowed_folder rule."""
-        global _SERVING
-        _SERVING = self
-        return self
-
     def inside_outputs(self, path) -> Path:
         """A path typed into the UI, resolved; refused unless it lies inside the outputs folder."""
         p = Path(path).expanduser().resolve()
@@ -129,18 +122,9 @@ class UIContext:
         return p
 
 
-_SERVING: UIContext | None = None
-
-
-def serving() -> UIContext | None:
-    """The context app.py serves (UIContext.serve), or None in a library call or a test: no limits then."""
-    return _SERVING
-
-
 def readable_folder(folder, ctx: UIContext | None = None, what: str = "data folder") -> Path:
-    """`folder` as the web UI may read it: ctx.allowed_folder of `ctx`, else of the served context (for
-    handlers wired without one); a plain Path when there is neither (a library call, a test)."""
-    ctx = ctx or _SERVING
+    """`folder` as the web UI may read it (ctx.allowed_folder; every handler of the page passes its ctx);
+    a plain Path without a context (a library call, a test)."""
     return ctx.allowed_folder(folder, what) if ctx is not None else Path(folder)
 
 
