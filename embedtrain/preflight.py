@@ -82,19 +82,27 @@ def check_run(cfg: TrainConfig, count_images=None, tokenizer_for=None) -> list[P
     return problems + ([problem] if problem else [])
 
 
+def unreached_name(cfg: TrainConfig, templates: list[str], captions) -> str | None:
+    """The rule the trainer and these checks share: the name must reach a prompt, through a template line's
+    [name] or a caption that mentions it. The reason when it does not; None when it does."""
+    if any("[name]" in t for t in templates):
+        return None
+    low = cfg.name.lower()
+    if any(low in caption.lower() for caption in captions):
+        return None
+    return (f"template {cfg.template!r} has no [name] and no caption mentions {cfg.name!r}: the embedding would "
+            "never be trained; use a template with [name]")
+
+
 def _template_problem(cfg: TrainConfig) -> Problem | None:
-    """The trainer's rule: the name must reach a prompt, through the template's [name] or a caption."""
     from embedtrain.data import IMAGE_EXTS, caption_for, load_templates
     try:
-        if any("[name]" in t for t in load_templates(cfg.template)):
-            return None
+        templates = load_templates(cfg.template)
     except EmbedtrainError as e:
         return Problem("template", str(e))
-    low = cfg.name.lower()
-    if any(low in caption_for(p).lower() for p in Path(cfg.data).iterdir() if p.suffix.lower() in IMAGE_EXTS):
-        return None
-    return Problem("template", f"template {cfg.template!r} has no [name] and no caption mentions {cfg.name!r}: "
-                               "the embedding would never be trained; use a template with [name]")
+    captions = (caption_for(p) for p in Path(cfg.data).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    reason = unreached_name(cfg, templates, captions)
+    return Problem("template", reason) if reason else None
 
 
 def _count(folder) -> int:

@@ -141,10 +141,10 @@ class Trainer:
         self.token = embedding.add_embedding(self.tokenizer, self.text_encoder, cfg.name, init_text=cfg.init_text,
                                              num_vectors=cfg.vectors, trainable=True)
         self.init_vectors = self.token.vectors.detach().clone()
-        if not any("[name]" in t for t in self.templates) and not any(
-                self.token.name.lower() in s.caption.lower() for s in self.train_samples):
-            raise ConfigError(f"template {cfg.template!r} has no [name] and no caption mentions {cfg.name!r}: "
-                              "the embedding would never be trained; use a template with [name]")
+        from embedtrain.preflight import unreached_name
+        reason = unreached_name(cfg, self.templates, (s.caption for s in self.train_samples))
+        if reason:
+            raise ConfigError(reason)
 
         t0 = time.perf_counter()
         self.cache = self._latent_cache(self.train_samples, cfg.latent_sampling, cfg.flip, cfg.seed)
