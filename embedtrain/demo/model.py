@@ -180,3 +180,63 @@ def build_pipeline(size: str | dict = "tiny", words=BASE_WORDS, seed: int = 0, f
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# SDXL's text side in miniature: two CLIP encoders of different widths (so a swapped pair is caught),
+# the second with a projection whose output is the pooled conditioning, and a UNet that takes their
+# concatenated hidden states plus SDXL's "text_time" micro-conditioning.
+XL_SIZES = {
+    "tiny": dict(unet_channels=(16, 32), layers=1, te_dims=(32, 48), heads=2, te_layers=2, time_dim=8,
+                 vae_channels=(16, 16), resolution=32, norm_groups=8),
+}
+
+
+def build_sdxl_pipeline(size: str | dict = "tiny", words=BASE_WORDS, seed: int = 0, folder: Path | None = None):
+    """A StableDiffusionXLPipeline of SDXL's architecture at a tiny size, seeded random weights."""
+    import tempfile
+
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    s = size if isinstance(size, dict) else XL_SIZES[size]
+    tok_dir = write_tokenizer(Path(folder or tempfile.mkdtemp(prefix="embedtrain-tok-")), words)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(tok_dir))
+    d1, d2 = s["te_dims"]
+    torch.manual_seed(seed)
+    n_down = len(s["unet_channels"])
+    unet = UNet2DConditionModel(
+        sample_size=s["resolution"] // 2 ** (len(s["vae_channels"]) - 1), in_channels=4, out_channels=4,
+        block_out_channels=s["unet_channels"], layers_per_block=s["layers"],
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n_down - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n_down - 1) + ("UpBlock2D",),
+        cross_attention_dim=d1 + d2, attention_head_dim=s["heads"], norm_num_groups=s["norm_groups"],
+        use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=s["time_dim"], projection_class_embeddings_input_dim=d2 + 6 * s["time_dim"],
+    )
+    torch.manual_seed(seed + 1)
+    n_vae = len(s["vae_channels"])
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=s["vae_channels"], layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
+        norm_num_groups=s["norm_groups"], sample_size=s["resolution"], scaling_factor=0.13025,
+    )
+
+    def te_config(dim):
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=s["te_layers"],
+            num_attention_heads=s["heads"], max_position_embeddings=77, projection_dim=dim,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(te_config(d1))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(te_config(d2))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
