@@ -134,13 +134,15 @@ STEP_UNITS = ("update", "batch")
 LATENT_SAMPLING = ("deterministic", "once", "random")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 SAVE_FORMATS = ("safetensors", "a1111", "diffusers")
+TRAIN_ENCODERS = ("both", "clip_l", "clip_g")
 TEMPLATES = ("object", "style", "object_filewords", "style_filewords", "filewords", "name")
 
 
 @dataclass
 class TrainConfig:
     # --- model and data ---
-    model: str = _f("demo", "'demo', a diffusers folder, or a single .safetensors/.ckpt checkpoint")
+    model: str = _f("demo", "'demo', a diffusers folder (SD 1.x/2.x or SDXL), a single .safetensors/.ckpt checkpoint "
+                            "or a Hugging Face hub id (org/name)")
     model_config: str = _f("", "local diffusers folder with the configs of a single-file checkpoint (offline)")
     data: str = _f("", "folder of training images (png/jpg/jpeg/webp/bmp), captions in sidecar .txt files")
     val_data: str = _f("", "separate folder of validation images; overrides val_split")
@@ -149,10 +151,15 @@ class TrainConfig:
     name: str = _f("", "embedding name, also the token written in prompts")
     init_text: str = _f("*", "text whose token vectors initialise the embedding")
     vectors: int = _f(1, "vectors per token (1-75)")
+    init_embedding: str = _f("", "start from this embedding file's vectors instead of init_text (any format read; "
+                                 "its vector count replaces vectors)")
+    train_encoders: str = _f("both", "SDXL: which text encoder's vectors are trained: both, clip_l or clip_g (the "
+                                     "other keeps its initial vectors)")
     template: str = _f("object", "prompt templates: object, style, object_filewords, style_filewords, "
                                  "filewords, name, or a path to a .txt file with [name]/[filewords]")
     repeats: int = _f(1, "times each training image is repeated per epoch (A1111 style)")
-    resolution: int = _f(512, "training resolution in pixels (images are resized and center-cropped)")
+    resolution: int = _f(0, "training resolution in pixels (images are resized and center-cropped); 0 = the "
+                            "model's own (SD 1.x 512, SD 2.x 768, SDXL 1024)")
     flip: bool = _f(False, "randomly mirror images horizontally")
     latent_sampling: str = _f("deterministic", "VAE latents: deterministic (posterior mean), once, random")
     # --- how long and how big ---
@@ -234,8 +241,12 @@ class TrainConfig:
         self.run_name = check_safe_name(self.run_name, "run_name") if self.run_name.strip() else ""
         need(1 <= self.vectors <= 75, "vectors", "between 1 and 75")
         need(1 <= self.repeats <= MAX_REPEATS, "repeats", f">= 1 and <= {MAX_REPEATS}")
-        need(8 <= self.resolution <= MAX_RESOLUTION and self.resolution % 8 == 0, "resolution",
-             f"a multiple of 8, >= 8 and <= {MAX_RESOLUTION} pixels")
+        need(self.resolution == 0 or 8 <= self.resolution <= MAX_RESOLUTION and self.resolution % 8 == 0,
+             "resolution", f"0 (the model's own) or a multiple of 8, >= 8 and <= {MAX_RESOLUTION} pixels")
+        need(self.train_encoders in TRAIN_ENCODERS, "train_encoders", f"one of {', '.join(TRAIN_ENCODERS)}")
+        if self.init_embedding.strip():
+            need(Path(self.init_embedding).expanduser().is_file(), "init_embedding",
+                 "an existing embedding file (.safetensors, .pt, .bin or an A1111 .png), or empty for init_text")
         need(self.latent_sampling in LATENT_SAMPLING, "latent_sampling", f"one of {', '.join(LATENT_SAMPLING)}")
         need(1 <= self.batch_size <= MAX_BATCH_SIZE, "batch_size", f">= 1 and <= {MAX_BATCH_SIZE}")
         need(1 <= self.grad_accum <= MAX_GRAD_ACCUM, "grad_accum", f">= 1 and <= {MAX_GRAD_ACCUM}")

@@ -63,6 +63,8 @@ class Sample:
     caption: str                 # [filewords]: sidecar .txt, else the cleaned file name
     image: "object" = None       # PIL.Image, RGB, resolution x resolution (inspect_folder: a thumbnail or None)
     note: str = ""               # inspect_folder: why there is no thumbnail (too many pixels to decode)
+    size: tuple = (0, 0)         # the original image's (width, height), EXIF rotation applied
+    crop: tuple = (0, 0)         # (top, left) of the training crop in the resized image
 
 
 @dataclass
@@ -101,7 +103,8 @@ def to_rgb(img):
 
 
 def fit(img, resolution: int):
-    """Resize the short side to `resolution` and center-crop a square."""
+    """Resize the short side to `resolution` and center-crop a square: (image, (top, left) of the crop in
+    the resized image), the offset SDXL's micro-conditioning is told."""
     from PIL import Image
 
     w, h = img.size
@@ -109,7 +112,7 @@ def fit(img, resolution: int):
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
     img = img.resize((nw, nh), Image.Resampling.LANCZOS)
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
+    return img.crop((left, top, left + resolution, top + resolution)), (top, left)
 
 
 @contextmanager
@@ -156,7 +159,9 @@ def open_image(path: Path, resolution: int):
             img = ImageOps.exif_transpose(img)
             img = to_rgb(img)
     _check_size(*img.size)
-    return fit(img, resolution)
+    size = img.size
+    img, crop = fit(img, resolution)
+    return img, size, crop
 
 
 def look_at_image(path: Path, thumb: int | None = None, max_pixels: int = PREVIEW_MAX_PIXELS):
@@ -202,7 +207,7 @@ def look_at_image(path: Path, thumb: int | None = None, max_pixels: int = PREVIE
                 img = img.reduce(k)         # box average; the EXIF tag stays with it
             img = to_rgb(ImageOps.exif_transpose(img))
     _check_size(w, h)
-    return fit(img, thumb), ""
+    return fit(img, thumb)[0], ""
 
 
 def display_name(name) -> str:
@@ -267,7 +272,8 @@ def scan_folder(folder, resolution: int) -> tuple[list[Sample], list[Skipped]]:
     for path in _image_files(folder):
         try:
             caption_file_check(path)
-            samples.append(Sample(path, caption_for(path), open_image(path, resolution)))
+            image, size, crop = open_image(path, resolution)
+            samples.append(Sample(path, caption_for(path), image, size=size, crop=crop))
         except DataError as e:
             skipped.append(Skipped(path, str(e)))
     if not samples:

@@ -28,6 +28,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,6 +66,7 @@ class ExtraTokenEmbedding(nn.Module):
         self.base = base
         self.first_id = first_id
         self.extras = nn.ParameterList()
+        self.columns: list = []     # per extra: None (its own rows) or the (a, b) columns of a shared parameter
         self.names: list[str] = []  # user-facing names of the extras, in order (duplicates are refused)
 
     @property
@@ -75,18 +77,32 @@ class ExtraTokenEmbedding(nn.Module):
     def num_extra(self) -> int:
         return sum(p.shape[0] for p in self.extras)
 
-    def add(self, vectors: torch.Tensor, trainable: bool) -> nn.Parameter:
-        p = nn.Parameter(vectors.detach().to(self.base.weight.device, torch.float32).clone(),
-                         requires_grad=trainable)
+    def add(self, vectors: torch.Tensor, trainable: bool, columns: tuple[int, int] | None = None) -> nn.Parameter:
+        """Append an embedding's rows: a new parameter made from `vectors`, or, with `columns`, `vectors`
+        itself (a parameter shared with another encoder, of which this table uses columns [a, b))."""
+        if columns is None:
+            p = nn.Parameter(vectors.detach().to(self.base.weight.device, torch.float32).clone(),
+                             requires_grad=trainable)
+        else:
+            p = vectors
         self.extras.append(p)
+        self.columns.append(columns)
         return p
+
+    def _table_of(self, k: int) -> torch.Tensor:
+        """The rows extra `k` gives this encoder (a shared parameter's columns, or its own tensor)."""
+        p, c = self.extras[k], self.columns[k]
+        return p if c is None else p[:, c[0]:c[1]]
+
+    def _table(self) -> torch.Tensor:
+        return torch.cat([p if c is None else p[:, c[0]:c[1]] for p, c in zip(self.extras, self.columns)])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids.clamp(max=self.first_id - 1) if len(self.extras) else ids)
         if not len(self.extras):
             return out
         is_extra = ids >= self.first_id
-        table = torch.cat(list(self.extras)).to(out.dtype)
+        table = self._table().to(out.dtype)
         extra = table[(ids - self.first_id).clamp(min=0, max=table.shape[0] - 1)]
         return torch.where(is_extra.unsqueeze(-1), extra, out)
 
@@ -111,7 +127,12 @@ class TokenSet:
     """One embedding inside a pipeline: its user-facing name, internal tokens and vectors."""
     name: str
     tokens: list[str]
-    vectors: nn.Parameter
+    vectors: nn.Parameter          # what is trained (SDXL: both halves joined, textside.py says how)
+    parts: Any = None              # SDXL: () -> {clip_l, clip_g}; None: `vectors` is the whole embedding
+
+    def saved(self):
+        """What a file of this embedding holds: its vectors [N, dim], or SDXL's {clip_l, clip_g}."""
+        return self.parts() if self.parts is not None else self.vectors
 
     def expand(self, prompt: str) -> str:
         """Replace the name (a whole word, any case) with the internal tokens."""
@@ -602,13 +623,18 @@ def save_embedding(path, vectors: torch.Tensor, name: str, meta: dict | None = N
     from safetensors import SafetensorError
 
     path = Path(path)
-    t = vectors.detach().float().cpu().contiguous().clone()
-    if not torch.isfinite(t).all():
+    parts = vectors if isinstance(vectors, dict) else {"": vectors}
+    t = {k: v.detach().float().cpu().contiguous().clone() for k, v in parts.items()}
+    if not all(torch.isfinite(v).all() for v in t.values()):
         raise EmbeddingError(f"refusing to write {path}: the vectors hold NaN or infinite values")
     meta = {str(k): str(v) for k, v in (meta or {}).items()}
     meta.setdefault("name", name)
     if fmt not in FORMAT_FILES:
         raise EmbeddingError(f"save format must be safetensors, a1111 or diffusers, got {fmt!r}")
+    if isinstance(vectors, dict) and fmt != "safetensors":
+        raise EmbeddingError(f"the {fmt} format holds one text encoder's vectors; an SDXL embedding "
+                             f"({' + '.join(t)}) is written as safetensors (save_files splits it for diffusers)")
+    t = t if isinstance(vectors, dict) else t[""]
     try:
         _write(path, t, name, meta, fmt)
     except (OSError, RuntimeError, SafetensorError) as e:
@@ -623,12 +649,12 @@ def _io_reason(e: Exception) -> str:
     return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
-def _write(path: Path, t: torch.Tensor, name: str, meta: dict, fmt: str) -> None:
+def _write(path: Path, t, name: str, meta: dict, fmt: str) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         if fmt == "safetensors":
-            save_file({"emb_params": t}, str(tmp), metadata=meta)
+            save_file(t if isinstance(t, dict) else {"emb_params": t}, str(tmp), metadata=meta)
         elif fmt == "diffusers":
             save_file({name: t}, str(tmp), metadata=meta)
         elif fmt == "a1111":
@@ -682,6 +708,22 @@ def a1111_zip(raw: bytes) -> bytes:
 # call an embedding by its file's stem; NAME.safetensors is the default format's, so the
 # diffusers-format file goes into a subfolder.
 FORMAT_FILES = {"safetensors": "{name}.safetensors", "a1111": "{name}.pt", "diffusers": "diffusers/{name}.safetensors"}
+
+
+def save_files(folder, name: str, vectors, meta: dict, fmt: str) -> list[Path]:
+    """Write a run folder's file(s) of one format; returns their paths.
+
+    `vectors` [N, dim], or SDXL's {clip_l, clip_g}. For SDXL, safetensors is the one file every client reads
+    (clip_l + clip_g); diffusers gets one single-token file per text encoder, `diffusers/clip_l/NAME.safetensors`
+    and `diffusers/clip_g/NAME.safetensors`, each a path `load_textual_inversion` takes with that encoder;
+    A1111's .pt holds one encoder's vectors, so it is refused for SDXL."""
+    if isinstance(vectors, dict) and fmt == "a1111":
+        raise EmbeddingError("save format a1111 (.pt) holds the vectors of one text encoder; for an SDXL embedding "
+                             "the default safetensors file (clip_l + clip_g) is the one AUTOMATIC1111 reads")
+    if isinstance(vectors, dict) and fmt == "diffusers":
+        return [save_embedding(Path(folder) / "diffusers" / key / f"{name}.safetensors", v, name, meta, fmt)
+                for key, v in vectors.items()]
+    return [save_embedding(embedding_file(folder, name, fmt), vectors, name, meta, fmt)]
 
 
 def embedding_file(folder, name: str, fmt: str) -> Path:

@@ -1,8 +1,8 @@
-"""Load a Stable Diffusion 1.x/2.x pipeline, and pick the device and precision.
+"""Load a Stable Diffusion 1.x/2.x or SDXL pipeline, and pick the device and precision.
 
 Sources: "demo" (the built-in demo model in assets/demo_model, or a tiny model built from config
-while none is shipped), "tiny" (tests), a diffusers folder, or a single .safetensors/.ckpt file
-(read offline with a local `model_config` folder). Nothing is downloaded.
+while none is shipped), "tiny" / "tiny-xl" (tests: tiny SD and SDXL built from config), a diffusers
+folder, a single .safetensors/.ckpt file, or a Hugging Face hub id (through the hub cache).
 """
 
 from __future__ import annotations
@@ -25,14 +25,18 @@ class ModelError(EmbedtrainError):
 class ModelInfo:
     source: str        # what the user typed
     name: str          # short name for metadata and labels
-    architecture: str  # "SD 1.x", "SD 2.x", "tiny SD" ...
-    token_dim: int     # width of one embedding vector
+    architecture: str  # "SD 1.x", "SD 2.x", "SDXL", "tiny SD" ...
+    token_dim: int     # width of one embedding vector (SDXL: the first encoder's)
     resolution: int    # native image size in pixels
     hash: str = ""     # A1111-style short sha256 of a single-file checkpoint
+    family: str = "SD"                 # "SD" (1.x / 2.x: one text encoder) or "SDXL" (two)
+    token_dims: tuple = ()             # the width in each text encoder: (768,) or (768, 1280)
 
     def describe(self) -> str:
         h = f", hash {self.hash}" if self.hash else ""
-        return f"{self.name}: {self.architecture}, token dim {self.token_dim}, {self.resolution} px{h}"
+        dims = self.token_dims or (self.token_dim,)
+        word = "token dims" if len(dims) > 1 else "token dim"
+        return f"{self.name}: {self.architecture}, {word} {' + '.join(map(str, dims))}, {self.resolution} px{h}"
 
 
 def resolve_device(pref: str = "auto"):
@@ -75,13 +79,53 @@ def short_hash(path: Path) -> str:
     return h.hexdigest()[:10]
 
 
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
 def _info(pipe, source: str, name: str, file_hash: str = "") -> ModelInfo:
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ModelError(f"model {source!r} is an SDXL pipeline; training supports SD 1.x/2.x for now")
-    dim = pipe.text_encoder.config.hidden_size
+    from embedtrain.textside import text_side
+    if type(pipe).__name__ not in PIPELINES:
+        raise ModelError(f"model {shown(source)} is a {type(pipe).__name__}; embedtrain trains embeddings for Stable "
+                         "Diffusion 1.x/2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)")
+    side = text_side(pipe)
+    dims = tuple(side.dims.values())
     res = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    arch = {768: "SD 1.x", 1024: "SD 2.x"}.get(dim, "tiny SD")
-    return ModelInfo(source=source, name=name, architecture=arch, token_dim=dim, resolution=res, hash=file_hash)
+    if side.family == "SDXL":
+        arch = "SDXL" if dims == (768, 1280) else "tiny SDXL"
+    else:
+        arch = {768: "SD 1.x", 1024: "SD 2.x"}.get(dims[0], "tiny SD")
+    return ModelInfo(source=source, name=name, architecture=arch, token_dim=dims[0], resolution=res, hash=file_hash,
+                     family=side.family, token_dims=dims)
+
+
+def folder_pipeline_class(folder: Path):
+    """The diffusers pipeline class a model folder names in its model_index.json (SD or SDXL)."""
+    import json
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    try:
+        name = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        name = ""
+    if name == "StableDiffusionXLPipeline" or (folder / "text_encoder_2").is_dir():
+        return StableDiffusionXLPipeline
+    if name and name not in PIPELINES and "Img2Img" not in name and "Inpaint" not in name:
+        raise ModelError(f"model folder {folder} holds a {name}; embedtrain trains embeddings for Stable Diffusion "
+                         "1.x/2.x and SDXL pipelines")
+    return StableDiffusionPipeline
+
+
+def native_resolution(source: str) -> int | None:
+    """The image size a model was trained at, read from a diffusers folder's configs (no weights), or None
+    when it cannot be told without loading the model."""
+    import json
+    folder = DEMO_MODEL if source == "demo" else Path(source or "")
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _is(path: Path, kind: str) -> bool:
@@ -109,12 +153,12 @@ def hub_cache() -> str:
 def _from_hub(repo_id: str, torch_dtype):
     """A hub model through the Hugging Face cache: downloaded when the hub can be reached (huggingface_hub
     shows its progress bars), read from the cache when offline. HF_HUB_OFFLINE is the user's to set."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from huggingface_hub import constants
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-    try:
-        return StableDiffusionPipeline.from_pretrained(repo_id, torch_dtype=torch_dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+    try:   # DiffusionPipeline picks the class the repo's model_index.json names (SD or SDXL; _info checks)
+        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=torch_dtype, safety_checker=None,
+                                                 requires_safety_checker=False)
     except GatedRepoError:
         raise ModelError(f"model {repo_id!r} is gated on the Hugging Face hub: accept its terms on its page, log "
                          "in (`hf auth login`) and try again") from None
@@ -138,7 +182,11 @@ def load_pipeline(source: str, model_config: str = ""):
     from diffusers import StableDiffusionPipeline
 
     source = (source or "").strip()
-    if source == "tiny" or (source == "demo" and not (DEMO_MODEL / "model_index.json").is_file()):
+    if source == "tiny-xl":
+        from embedtrain.demo.model import build_sdxl_pipeline
+        pipe = build_sdxl_pipeline("tiny")
+        info = _info(pipe, source, source)
+    elif source == "tiny" or (source == "demo" and not (DEMO_MODEL / "model_index.json").is_file()):
         from embedtrain.demo.model import build_pipeline
         pipe = build_pipeline("tiny" if source == "tiny" else "demo")
         info = _info(pipe, source, source)
@@ -147,7 +195,7 @@ def load_pipeline(source: str, model_config: str = ""):
         if not (folder / "model_index.json").is_file():
             raise ModelError(f"model folder {folder} has no model_index.json; it is not a diffusers pipeline folder")
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
+            pipe = folder_pipeline_class(folder).from_pretrained(
                 str(folder), torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
                 local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
@@ -175,7 +223,8 @@ def load_pipeline(source: str, model_config: str = ""):
         raise ModelError(f"model {shown(source)} not found: use 'demo', a diffusers folder, a .safetensors/.ckpt "
                          "file or a Hugging Face hub id (org/name)")
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
     return pipe, info

@@ -102,7 +102,14 @@ class Trainer:
         self.device = self.state["device"] or models.resolve_device(cfg.device)
         self.autocast_dtype = models.resolve_precision(cfg.mixed_precision, self.device)
 
-        # Data first: a bad folder should fail before a slow model load.
+        # Data first: a bad folder should fail before a slow model load. resolution 0 is the model's own,
+        # read from its configs; a source whose configs cannot be read alone is loaded first.
+        if not cfg.resolution:
+            native = models.native_resolution(cfg.model) if pipe is None else pipe_resolution(pipe)
+            if native is None:
+                pipe, info = models.load_pipeline(cfg.model, cfg.model_config)
+                native = info.resolution
+            cfg = self.cfg = cfg.replace(resolution=native).validate()
         samples, self.skipped = data.scan_folder(cfg.data, cfg.resolution)
         if cfg.val_data:
             self.val_samples, val_skipped = data.scan_folder(cfg.val_data, cfg.resolution)
@@ -123,14 +130,16 @@ class Trainer:
         if pipe is None:
             pipe, info = models.load_pipeline(cfg.model, cfg.model_config)
         self.pipe, self.info = pipe, info
-        self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
+        from embedtrain.textside import text_side
+        self.text = text_side(pipe)   # SD or SDXL: tokenizers, encoders, conditioning (textside.py)
+        self.tokenizer = self.text.tokenizer
         self.unet, self.vae = pipe.unet, pipe.vae
-        for m in (self.unet, self.vae, self.text_encoder):
-            m.to(self.device)
+        self._place_weights()
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            self.text_encoder.gradient_checkpointing_enable()
-            self.text_encoder.train()  # transformers only checkpoints in train mode; CLIP has no dropout
+            for encoder in self.text.encoders:
+                encoder.gradient_checkpointing_enable()
+                encoder.train()  # transformers only checkpoints in train mode; CLIP has no dropout
         if self.device.type == "cuda":
             self.unet.to(memory_format=torch.channels_last)
 
@@ -138,8 +147,16 @@ class Trainer:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.num_timesteps = self.noise_scheduler.config.num_train_timesteps
 
-        self.token = embedding.add_embedding(self.tokenizer, self.text_encoder, cfg.name, init_text=cfg.init_text,
-                                             num_vectors=cfg.vectors, trainable=True)
+        if self.text.family == "SDXL" and "a1111" in cfg.formats():
+            raise ConfigError("save_formats: a1111 (.pt) holds one text encoder's vectors; for SDXL use safetensors "
+                              "(clip_l + clip_g, what AUTOMATIC1111, ComfyUI and kohya read) and/or diffusers")
+        if cfg.init_embedding:   # start from a file's vectors (their count is the file's)
+            start = embedding.load_embedding(cfg.init_embedding)
+            self.token = self.text.add_loaded(start, cfg.name, f"init_embedding {cfg.init_embedding}", self.info.name,
+                                              trainable=True, check_vocab=True, train=cfg.train_encoders)
+        else:
+            self.token = self.text.add(cfg.name, init_text=cfg.init_text, num_vectors=cfg.vectors, trainable=True,
+                                       train=cfg.train_encoders)
         self.init_vectors = self.token.vectors.detach().clone()
         from embedtrain.preflight import unreached_name
         reason = unreached_name(cfg, self.templates, (s.caption for s in self.train_samples))
@@ -153,6 +170,16 @@ class Trainer:
         self._val_fixed = {}
 
     # ------------------------------------------------------------------ helpers
+    def _place_weights(self) -> None:
+        """Every module onto the device. With mixed precision on a GPU the frozen UNet and text encoders are
+        stored in the autocast dtype (half the memory: SDXL's UNet is 10 GB in fp32, 5 GB in bf16); the
+        trained vectors stay fp32 (ExtraTokenEmbedding keeps them so) and the VAE stays fp32 (SDXL's VAE
+        overflows in fp16; it only encodes the latent cache and decodes previews)."""
+        weights = self.autocast_dtype if self.device.type == "cuda" else None
+        for m in (self.unet, *self.text.encoders):
+            m.to(self.device, dtype=weights) if weights is not None else m.to(self.device)
+        self.vae.to(self.device)
+
     # What a loaded Trainer was built from: the model, the data, its split and order, the token.
     _LOADED = ("model", "model_config", "data", "val_data", "name", "init_text", "vectors", "template", "repeats",
                "resolution", "flip", "latent_sampling", "batch_size", "seed", "val_split", "device",
@@ -182,8 +209,9 @@ class Trainer:
         with torch.no_grad():
             self.token.vectors.copy_(self.init_vectors)
 
-    def token_ids(self, prompts: list[str]):
-        """Token ids of the prompts (padded to the model's length), cached per prompt.
+    def token_ids(self, prompts: list[str]) -> list:
+        """Token ids of the prompts in each tokenizer (padded to the model's length), cached per prompt:
+        one [B, 77] tensor per text encoder.
 
         A run's prompts come from a few templates x the captions, so after the first epoch the
         tokenizer (pure Python, ~0.1-1 ms per prompt) is not called again."""
@@ -194,13 +222,13 @@ class Trainer:
             if len(cache) + len(missing) > 20000:   # unbounded captions (e.g. random ones): keep memory flat
                 cache.clear()
                 missing = list(dict.fromkeys(prompts))
-            ids = self.tokenizer([self.token.expand(p) for p in missing], padding="max_length", truncation=True,
-                                 max_length=self.tokenizer.model_max_length).input_ids
-            cache.update(zip(missing, ids))
-        return torch.tensor([cache[p] for p in prompts], dtype=torch.long)
+            cache.update(zip(missing, self.text.token_ids([self.token.expand(p) for p in missing])))
+        rows = [cache[p] for p in prompts]
+        return [torch.tensor([r[k] for r in rows], dtype=torch.long) for k in range(len(rows[0]))]
 
-    def encode_prompts(self, prompts: list[str]):
-        return self.text_encoder(self.token_ids(prompts).to(self.device))[0]
+    def encode_prompts(self, prompts: list[str], time_ids=None):
+        """(encoder_hidden_states, added_cond_kwargs) of the prompts: the UNet's text conditioning."""
+        return self.text.encode([ids.to(self.device) for ids in self.token_ids(prompts)], time_ids)
 
     def grad_scaler(self):
         """A loss scaler for fp16 autocast (its narrow range underflows small gradients), else None:
@@ -218,7 +246,7 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _loss(self, latents, noise, timesteps, prompts, reduce=True):
+    def _loss(self, latents, noise, timesteps, prompts, reduce=True, time_ids=None):
         import torch.nn.functional as F
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
@@ -226,8 +254,8 @@ class Trainer:
         else:
             target = noise
         with self._autocast():
-            hidden = self.encode_prompts(prompts)
-            pred = self.unet(noisy, timesteps, hidden).sample
+            hidden, added = self.encode_prompts(prompts, time_ids)
+            pred = self.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return loss.mean() if reduce else loss
 
@@ -262,8 +290,20 @@ class Trainer:
             latents = self.cache.get(picks, flips, noise=self._to_device(torch.stack(post)))
         else:
             latents = self.cache.get(picks, flips)
+        time_ids = self._time_ids([self.train_samples[i] for i in picks], flips)
         return (latents, self._to_device(torch.stack(noise)),
-                torch.tensor(timesteps, device=self.device), prompts)
+                torch.tensor(timesteps, device=self.device), prompts, time_ids)
+
+    def _time_ids(self, samples, flips=None):
+        """SDXL's micro-conditioning of these images ([B, 6] on the device), None for SD."""
+        import torch
+
+        from embedtrain.textside import micro_conditioning
+        if self.text.family != "SDXL":
+            return None
+        flips = flips or [False] * len(samples)
+        rows = [micro_conditioning(s, self.cfg.resolution, f) for s, f in zip(samples, flips)]
+        return torch.tensor(rows, device=self.device)
 
     def _latent_cache(self, samples, *args):
         """The samples' VAE latents, encoded cfg.batch_size images at a time: caching is then never the run's
@@ -303,13 +343,14 @@ class Trainer:
             noise = torch.randn(lat.shape, generator=g)
             prompts = [make_prompt(self.templates[0], self.cfg.name, s.caption) for s in samples]
             prompts = [p for p in prompts for _ in range(VAL_TIMESTEPS)]
-            self._val_fixed[which] = (lat, noise.to(self.device), t.to(self.device), prompts)
-        lat, noise, t, prompts = self._val_fixed[which]
+            time_ids = self._time_ids([s for s in samples for _ in range(VAL_TIMESTEPS)])
+            self._val_fixed[which] = (lat, noise.to(self.device), t.to(self.device), prompts, time_ids)
+        lat, noise, t, prompts, time_ids = self._val_fixed[which]
         total, chunk = 0.0, 16
         with torch.no_grad():
             for k in range(0, len(prompts), chunk):
                 losses = self._loss(lat[k:k + chunk], noise[k:k + chunk], t[k:k + chunk], prompts[k:k + chunk],
-                                    reduce=False)
+                                    reduce=False, time_ids=None if time_ids is None else time_ids[k:k + chunk])
                 total += float(losses.sum())
         return total / len(prompts)
 
@@ -342,9 +383,12 @@ class Trainer:
             "epochs": f"{images_seen / self.images:.4f}", "images": self.images, "batch_size": cfg.batch_size,
             "grad_accum": cfg.grad_accum, "processes": self.world, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule
             if cfg.lr_schedule != "piecewise" else cfg.lr_piecewise, "optimizer": cfg.optimizer,
-            "init_text": cfg.init_text, "vectors": cfg.vectors, "seed": cfg.seed, "resolution": cfg.resolution,
+            "init_text": cfg.init_text, "vectors": self.token.vectors.shape[0], "seed": cfg.seed,
+            "resolution": cfg.resolution, "model_family": self.text.family,
             "base_model": self.info.name, "base_model_hash": self.info.hash, "loss": "" if loss is None else
             f"{loss:.6f}", "val_loss": "" if val_loss is None else f"{val_loss:.6f}",
+            **({"init_embedding": Path(cfg.init_embedding).name} if cfg.init_embedding else {}),
+            **({"train_encoders": cfg.train_encoders} if self.text.family == "SDXL" else {}),
         }
 
     def summary(self) -> str:
@@ -456,8 +500,8 @@ class Trainer:
         cfg, vectors, scaler = self.cfg, self.token.vectors, st.scaler
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(cfg.grad_accum):
-            latents, noise, timesteps, prompts = self.batch_inputs(st.batch)
-            loss = self._loss(latents, noise, timesteps, prompts) / cfg.grad_accum
+            latents, noise, timesteps, prompts, time_ids = self.batch_inputs(st.batch)
+            loss = self._loss(latents, noise, timesteps, prompts, time_ids=time_ids) / cfg.grad_accum
             (loss if scaler is None else scaler.scale(loss)).backward()
             loss_sum += loss.detach()
             st.batch += 1
@@ -592,7 +636,7 @@ class Trainer:
         from embedtrain import embedding, optimizers
         optimizers.set_mode(st.optimizer, False)
         snap = st.run_dir / f"{self.cfg.name}-{st.update}.safetensors"
-        embedding.save_embedding(snap, self.token.vectors, self.cfg.name,
+        embedding.save_embedding(snap, self.token.saved(), self.cfg.name,
                                  self.metadata(st.update, st.batch, st.loss, st.val_loss))
         self._save_resume(st.run_dir, st.optimizer, st.update, st.batch)
         optimizers.set_mode(st.optimizer, True)
@@ -602,7 +646,7 @@ class Trainer:
         """The end of a run, whatever ended it: the processes' agreement check, the final files from the
         last good vectors (atomically), resume.pt kept on a stop and removed when finished, the last event."""
         from embedtrain import embedding, optimizers
-        cfg, vectors, run_dir = self.cfg, self.token.vectors, st.run_dir
+        cfg, run_dir = self.cfg, st.run_dir
         if st.bar is not None:
             st.bar.close()
         if st.overflows and st.main:
@@ -615,8 +659,7 @@ class Trainer:
             meta = self.metadata(st.update, st.batch, st.loss, st.val_loss)
             meta["status"] = st.status
             for fmt in cfg.formats():
-                path = embedding.embedding_file(run_dir, cfg.name, fmt)
-                st.files.append(embedding.save_embedding(path, vectors, cfg.name, meta, fmt))
+                st.files += embedding.save_files(run_dir, cfg.name, self.token.saved(), meta, fmt)
             if st.status == "stopped":
                 self._save_resume(run_dir, st.optimizer, st.update, st.batch)
             elif (run_dir / "resume.pt").exists() and st.status == "finished":
@@ -722,6 +765,10 @@ class Trainer:
                     need(not value.is_floating_point() or bool(torch.isfinite(value).all()),
                          f"optimizer state {str(name)[:20]!r} holds NaN or infinite values")
         return update, batch, vectors, opt
+
+
+def pipe_resolution(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
 def _r(x):

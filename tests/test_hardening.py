@@ -190,7 +190,7 @@ def test_torch_and_a1111_zip_files_still_pass_the_directory_check(tmp_path):
 
 # ====================================================================== 5. size fields have upper bounds
 TOO_BIG = {
-    "resolution": (8_000_000, "resolution must be a multiple of 8, >= 8 and <= 4096 pixels, got 8000000"),
+    "resolution": (8_000_000, "resolution must be 0 (the model's own) or a multiple of 8, >= 8 and <= 4096 pixels, got 8000000"),
     "batch_size": (10 ** 6, "batch_size must be >= 1 and <= 1024"),
     "grad_accum": (10 ** 6, "grad_accum must be >= 1 and <= 4096"),
     "steps": (10 ** 9, "steps must be >= 1 and <= 10000000"),

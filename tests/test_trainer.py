@@ -19,7 +19,7 @@ def read_log(run_dir):
 def test_only_new_vectors_change_and_other_rows_are_bit_identical(tiny_cfg, tmp_path):
     t = Trainer(tiny_cfg.replace(steps=4))
     from embedtrain.embedding import text_transformer
-    table = text_transformer(t.text_encoder).embeddings.token_embedding
+    table = text_transformer(t.text.encoders[0]).embeddings.token_embedding
     before = table.base.weight.detach().clone()
     frozen = {n: p.detach().clone() for n, p in t.unet.named_parameters()}
     start = t.token.vectors.detach().clone()
@@ -29,14 +29,14 @@ def test_only_new_vectors_change_and_other_rows_are_bit_identical(tiny_cfg, tmp_
     assert all(torch.equal(p, frozen[n]) for n, p in t.unet.named_parameters())
     assert not torch.allclose(t.token.vectors, start)
     # the optimizer only ever saw the new vectors
-    trainable = [p for m in (t.unet, t.vae, t.text_encoder) for p in m.parameters() if p.requires_grad]
+    trainable = [p for m in (t.unet, t.vae, *t.text.encoders) for p in m.parameters() if p.requires_grad]
     assert len(trainable) == 1 and trainable[0] is t.token.vectors
 
 
 def test_loss_on_a_fixed_batch_falls_over_30_updates(tiny_cfg, tmp_path):
     # Overfit one image with fixed noise: the loss the vectors can move must go down.
     t = Trainer(tiny_cfg.replace(batch_size=1, lr=2e-2))
-    latents, noise, timesteps, prompts = t.batch_inputs(0)
+    latents, noise, timesteps, prompts, _ = t.batch_inputs(0)
     opt = torch.optim.AdamW([t.token.vectors], lr=2e-2)
     losses = []
     for _ in range(30):
@@ -243,7 +243,8 @@ def test_token_ids_are_the_tokenizers_and_are_cached(tiny_cfg):
     prompts = [f"a photo of {t.cfg.name}", "a photo of a star", f"a photo of {t.cfg.name}"]
     expected = t.tokenizer([t.token.expand(p) for p in prompts], padding="max_length", truncation=True,
                            max_length=t.tokenizer.model_max_length, return_tensors="pt").input_ids
-    assert torch.equal(t.token_ids(prompts), expected)
+    assert [x.shape for x in t.token_ids(prompts)] == [expected.shape]   # one tokenizer: one tensor
+    assert torch.equal(t.token_ids(prompts)[0], expected)
     calls = []
 
     class Counting:
@@ -254,8 +255,8 @@ def test_token_ids_are_the_tokenizers_and_are_cached(tiny_cfg):
             calls.append(a)
             return self.real(*a, **k)
 
-    t.tokenizer = Counting(t.tokenizer)
-    assert torch.equal(t.token_ids(prompts[::-1]), expected.flip(0))
+    t.text.parts[0].tokenizer = Counting(t.tokenizer)
+    assert torch.equal(t.token_ids(prompts[::-1])[0], expected.flip(0))
     assert calls == []                      # all three were cached
     t.token_ids(["a red star"])
     assert calls == [(["a red star"],)]     # only the new prompt is tokenized
