@@ -175,10 +175,30 @@ class Trainer:
         stored in the autocast dtype (half the memory: SDXL's UNet is 10 GB in fp32, 5 GB in bf16); the
         trained vectors stay fp32 (ExtraTokenEmbedding keeps them so) and the VAE stays fp32 (SDXL's VAE
         overflows in fp16; it only encodes the latent cache and decodes previews)."""
+        from diffusers.utils import logging as diffusers_logging
         weights = self.autocast_dtype if self.device.type == "cuda" else None
-        for m in (self.unet, *self.text.encoders):
-            m.to(self.device, dtype=weights) if weights is not None else m.to(self.device)
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()   # its "modules to keep in float32: []" note on every cast
+        try:
+            for m in (self.unet, *self.text.encoders):
+                m.to(self.device, dtype=weights) if weights is not None else m.to(self.device)
+        finally:
+            diffusers_logging.set_verbosity(level)
         self.vae.to(self.device)
+
+    def _memory_warnings(self) -> list[str]:
+        """SDXL at 1024 px without gradient checkpointing peaked at 13.1 GB of GPU memory (bf16, BS 1; with
+        it 9.8 GB, the latent caching's peak: bench/README.md): on a smaller card, say so before it fails."""
+        import torch
+        cfg = self.cfg
+        if self.text.family != "SDXL" or self.device.type != "cuda" or cfg.gradient_checkpointing:
+            return []
+        total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+        if total >= 16 or cfg.resolution < 1024:
+            return []
+        return [f"SDXL at {cfg.resolution} px without gradient checkpointing needs about 13 GB of GPU memory at "
+                f"BS 1; this GPU has {total:.0f} GB: turn on gradient_checkpointing (about 10 GB, 2.3x slower "
+                "per update)"]
 
     # What a loaded Trainer was built from: the model, the data, its split and order, the token.
     _LOADED = ("model", "model_config", "data", "val_data", "name", "init_text", "vectors", "template", "repeats",
@@ -445,7 +465,7 @@ class Trainer:
             self.schedule_description = describe_schedule(schedule)
         else:
             self.schedule_description = getattr(schedule, "description", "custom")
-        self.warnings = list(getattr(schedule, "warnings", []))
+        self.warnings = list(getattr(schedule, "warnings", [])) + self._memory_warnings()
         if self.val_samples and (len(self.val_samples) < 4 or len(self.val_samples) <= cfg.batch_size):
             self.warnings.append(f"only {len(self.val_samples)} validation images: validation loss can mislead "
                                  "on a set this small (docs/guide.md#validation-loss)")
