@@ -374,6 +374,7 @@ MODEL_PRESETS: dict[str, dict] = {
     "demo": dict(resolution=64, steps=200, lr=5e-3, init_text="star", template="object_filewords",
                  batch_size=4, preview_steps=20, preview_every=50, val_every=25, preview_cfg=5.0),
     "tiny": dict(resolution=32, preview_steps=4),
+    "tiny-xl": dict(resolution=32, preview_steps=4),
 }
 
 

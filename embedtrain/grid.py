@@ -327,8 +327,10 @@ def load_columns(pipe, paths, model_name: str = "the model") -> list[Column]:
     """Load each embedding file into the pipeline under its own internal tokens (a file may repeat).
 
     Errors name the file: missing, unreadable, or vectors of the wrong size for this model."""
-    from embedtrain.embedding import add_embedding, install, load_embedding
-    dim = install(pipe.tokenizer, pipe.text_encoder).base.embedding_dim
+    from embedtrain.embedding import EmbeddingError, install, load_embedding
+    from embedtrain.textside import text_side
+    side = text_side(pipe)   # SD: one vector set per file; SDXL: clip_l + clip_g
+    dim = side.parts[0].dim
     columns = []
     for p in paths:
         path = Path(p)
@@ -337,12 +339,15 @@ def load_columns(pipe, paths, model_name: str = "the model") -> list[Column]:
                             f"embedding {path} is a folder; give the embedding file inside it")
         emb = load_embedding(path)  # its errors already name the file
         size = emb.vectors.shape[1]
-        if size != dim:
+        if side.family == "SD" and emb.vectors_g is None and size != dim:
             family = {768: "SD 1.x", 1024: "SD 2.x"}.get(size, f"a model with token size {size}")
             raise GridError(f"embedding file {path} has vectors of size {size} (made for {family}), but "
                             f"{model_name} needs size {dim}: pick embeddings trained on this model family")
         k = len(install(pipe.tokenizer, pipe.text_encoder).extras)
-        ts = add_embedding(pipe.tokenizer, pipe.text_encoder, f"gridemb{k}", emb.vectors, check_vocab=False)
+        try:
+            ts = side.add_loaded(emb, f"gridemb{k}", f"embedding file {path}", model_name)
+        except EmbeddingError as e:
+            raise GridError(str(e)) from None
         # the name is the file's (as in A1111); a renamed file's header also shows the name it was saved as
         note = f"file name; saved as {emb.saved_name}" if emb.saved_name else ""
         columns.append(Column(emb.name, " ".join(ts.tokens), describe_meta(emb.meta), str(path), dict(emb.meta),

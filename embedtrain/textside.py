@@ -107,9 +107,10 @@ class SDText(TextSide):
                              num_vectors=num_vectors, trainable=trainable, check_vocab=check_vocab)
 
     def add_loaded(self, emb: LoadedEmbedding, name: str, what: str, model: str, *, trainable: bool = False,
-                   check_vocab: bool = False) -> TokenSet:
+                   check_vocab: bool = False, train: str = "both") -> TokenSet:
+        """A file's embedding under `name`; `what` and `model` name the file and model in a refusal."""
         self.refuse_other_family(emb, what, model)
-        return self.add(name, emb.vectors, trainable=trainable, check_vocab=check_vocab)
+        return self.add(name, emb.vectors, trainable=trainable, check_vocab=check_vocab, train=train)
 
     def encode(self, ids: list[torch.Tensor], time_ids=None):
         """(encoder_hidden_states, added_cond_kwargs) for the UNet."""
@@ -131,7 +132,7 @@ class SDXLText(TextSide):
     def refuse_other_family(self, emb: LoadedEmbedding, what: str, model: str) -> None:
         if emb.vectors_g is None:
             width = emb.vectors.shape[1]
-            made = {768: "SD 1.x", 1024: "SD 2.x"}.get(width, f"a model with {width}-wide vectors")
+            made = {768: "SD 1.x", 1024: "SD 2.x"}.get(width, "SD-style")
             raise EmbeddingError(f"{what} is an {made} embedding (one vector set, {width} wide); model {model} is "
                                  "SDXL, which needs clip_l + clip_g vectors: pick an SDXL embedding")
 
