@@ -120,9 +120,14 @@ def native_resolution(source: str) -> int | None:
     when it cannot be told without loading the model."""
     import json
     folder = DEMO_MODEL if source == "demo" else Path(source or "")
+    files = [folder / "unet" / "config.json", folder / "vae" / "config.json"]
+    if not _is(folder, "dir") and is_hub_id(source):   # a hub model's configs, when the cache holds them
+        from huggingface_hub import try_to_load_from_cache
+        files = [try_to_load_from_cache(source, f"{part}/config.json") for part in ("unet", "vae")]
+        if not all(isinstance(f, str) for f in files):
+            return None
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
-        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        unet, vae = (json.loads(Path(f).read_text(encoding="utf-8")) for f in files)
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         return None

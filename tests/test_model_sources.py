@@ -12,11 +12,12 @@ from conftest import ROOT
 REV = "0123456789abcdef0123456789abcdef01234567"
 
 
-def hf_home_with(tmp_path, repo_id: str):
-    """An HF_HOME whose hub cache holds the demo model as `repo_id` (the layout huggingface_hub writes)."""
+def hf_home_with(tmp_path, repo_id: str, model=ROOT / "assets" / "demo_model"):
+    """An HF_HOME whose hub cache holds `model` (the demo model) as `repo_id` (the layout huggingface_hub
+    writes)."""
     home = tmp_path / "hf"
     repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    shutil.copytree(ROOT / "assets" / "demo_model", repo / "snapshots" / REV)
+    shutil.copytree(model, repo / "snapshots" / REV)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(REV)
     return home
@@ -52,3 +53,15 @@ def test_a_hub_id_neither_cached_nor_reachable_is_one_line(tmp_path):
     line = r.stderr.strip().splitlines()[-1]
     assert "'embedtest/not-here' is not in the Hugging Face cache" in line and str(home / "hub") in line, line
     assert "HF_HUB_OFFLINE is set" in line
+
+
+def test_an_sdxl_hub_id_loads_from_the_cache_as_sdxl(tmp_path, monkeypatch):
+    from embedtrain.demo.model import build_sdxl_pipeline
+    build_sdxl_pipeline("tiny").save_pretrained(tmp_path / "xl")
+    home = hf_home_with(tmp_path, "embedtest/tiny-sdxl", tmp_path / "xl")
+    r = run(["-c", "from embedtrain.models import load_pipeline, native_resolution; "
+                   "p, info = load_pipeline('embedtest/tiny-sdxl'); print(type(p).__name__, info.describe()); "
+                   "print('native', native_resolution('embedtest/tiny-sdxl'))"], home, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "StableDiffusionXLPipeline tiny-sdxl: tiny SDXL, token dims 32 + 48, 32 px" in r.stdout
+    assert "native 32" in r.stdout   # read from the cached configs: the data is checked before the model loads
