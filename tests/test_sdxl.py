@@ -246,3 +246,17 @@ def test_the_cli_trains_an_sdxl_folder(xl_folder, tmp_path):
     emb = load_embedding(tmp_path / "o" / "r" / "zorblat.safetensors")
     assert emb.vectors.shape == (1, L) and emb.vectors_g.shape == (1, G)
     assert json.loads((tmp_path / "o" / "r" / "config.json").read_text())["resolution"] == 32
+
+
+def test_scoring_takes_both_halves_on_sdxl_and_refuses_them_on_sd(tmp_path):
+    from embedtrain.demo.model import build_pipeline, build_sdxl_pipeline
+    from embedtrain.demo.score import load_embedding_into
+    xl_file = save_embedding(tmp_path / "xlemb.safetensors", {"clip_l": torch.randn(2, L), "clip_g": torch.randn(2, G)},
+                             "xlemb")
+    pipe = build_sdxl_pipeline("tiny")
+    token, expand = load_embedding_into(pipe, xl_file)
+    ids = pipe.tokenizer_2(expand("a xlemb"), add_special_tokens=False).input_ids
+    rows = pipe.text_encoder_2.get_input_embeddings()(torch.tensor(ids))[-2:]
+    torch.testing.assert_close(rows, load_embedding(xl_file).vectors_g)   # clip_g went into encoder 2
+    with pytest.raises(EmbeddingError, match="is an SDXL embedding"):
+        load_embedding_into(build_pipeline("tiny"), xl_file)

@@ -158,12 +158,15 @@ def load_demo_pipeline(model: str = "demo"):
 def load_embedding_into(pipe, path, token: str | None = None):
     """Load an embedding file into pipe; returns (token, expand) where expand rewrites prompts."""
     try:
-        from embedtrain.embedding import add_embedding, load_embedding
+        from embedtrain.embedding import load_embedding
+        from embedtrain.textside import text_side
     except ImportError:
-        add_embedding = None
-    if add_embedding is not None:
+        text_side = None
+    if text_side is not None:   # SD: one vector set; SDXL: clip_l + clip_g; the other family is refused
         emb = load_embedding(path)
-        ts = add_embedding(pipe.tokenizer, pipe.text_encoder, token or emb.name, emb.vectors.float())
+        model = repr(getattr(pipe, "name_or_path", "") or "the model")
+        ts = text_side(pipe).add_loaded(emb, token or emb.name, f"embedding {path}", model,
+                                        check_vocab=True)
         return ts.name, ts.expand
     token = token or Path(path).stem
     pipe.load_textual_inversion(str(path), token=token)
