@@ -100,7 +100,9 @@ def _ckpt_state_dict(path: Path) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
         raise ModelError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():   # "Unsupported global: GLOBAL x.y" = a pickled Python object
+            raise ModelError(f"checkpoint {path} is not a readable PyTorch .ckpt file") from None
         raise ModelError(f"checkpoint {path} holds Python objects that are not loaded (only plain tensors are, "
                          "with weights_only=True): convert it to .safetensors, or use a .safetensors copy") from None
     except (RuntimeError, ValueError, EOFError, AttributeError, ImportError, TypeError):
@@ -109,7 +111,13 @@ def _ckpt_state_dict(path: Path) -> dict:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ModelError(f"checkpoint {path} does not hold a state dict (a table of named tensors)")
-    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    flat = {}
+    for k, v in obj.items():   # one nested level too (an A1111 embedding's string_to_param: {"*": tensor})
+        for kk, vv in (v.items() if isinstance(v, dict) else [("", v)]):
+            name = f"{k}.{kk}" if kk else k
+            if isinstance(name, str) and isinstance(vv, torch.Tensor):
+                flat[name] = vv
+    return flat
 
 
 class _Reader:
@@ -238,7 +246,7 @@ def detect(path, prediction: str = "") -> dict:
     """What a single-file checkpoint holds, from its keys and shapes only (a .safetensors header; no weights).
 
     Returns dict(arch="SD 1.x"|"SD 2.x"|"SDXL"|"tiny SD"|"tiny SDXL", family="SD"|"SDXL", token_dims=(768,) ...,
-    resolution=512|768|1024, prediction="epsilon"|"v_prediction", dtype="fp16"|..., ema=bool, format=
+    resolution=512|768|1024 (0 for a tiny/non-standard model), prediction="epsilon"|"v_prediction", dtype="fp16"|..., ema=bool, format=
     "safetensors"|"ckpt"). A LoRA, an embedding, a refiner, an inpainting model or an unknown file raises
     ModelError with one line saying which."""
     path = Path(path)
@@ -251,6 +259,7 @@ def detect(path, prediction: str = "") -> dict:
     arch = _architecture(path, keys)
     family = "SDXL" if arch.endswith("SDXL") else "SD"
     pred, res = _prediction(path, arch, keys, meta, prediction)
+    res = 0 if arch.startswith("tiny") else res   # a non-standard size: its model config tells
     dtypes = [dt for k, (dt, _) in keys.items() if k.startswith(UNET)]
     dtype = max(set(dtypes), key=dtypes.count) if dtypes else ""
     return dict(arch=arch, family=family, token_dims=_token_dims(keys, _te_arch(arch, keys)),
@@ -442,15 +451,17 @@ def _rows(component: str, module, prefix: str = "", config: dict | None = None) 
     return [(o, (d,), "copy") for d, o in original_keys(component, keys, prefix, config).items()]
 
 
-def _check_rows(path: Path, arch: str, rows, module, keys: dict) -> None:
-    """Every original key the module needs is in the file with a fitting shape; else one line naming it."""
+def _check_rows(path: Path, against: str, rows, module, keys: dict) -> None:
+    """Every original key the module needs is in the file with a fitting shape; else one line naming it.
+    against: what the module was built from ("the standard SD 1.x architecture", "model config X")."""
     import math
     shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    hint = ("give --model-config, a diffusers folder of the file's architecture" if against.startswith("the standard")
+            else "give a model config of the same architecture as the file")
     missing = [o for o, _, _ in rows if o not in keys]
     if missing:
-        raise ModelError(f"checkpoint {path} lacks {missing[0]!r} ({len(missing)} of the {len(rows)} weights this "
-                         f"{arch} part needs are missing): not a complete {arch} checkpoint of the standard "
-                         "architecture; for an unusual one give --model-config (a diffusers folder of it)")
+        raise ModelError(f"checkpoint {path} lacks {missing[0]!r} ({len(missing)} of the {len(rows)} weights of "
+                         f"{against} are missing): the file is incomplete or of another architecture; {hint}")
     for o, ds, how in rows:
         want = shapes[ds[0]]
         have = keys[o][1]
@@ -458,9 +469,8 @@ def _check_rows(path: Path, arch: str, rows, module, keys: dict) -> None:
               "qkv": lambda: have == (3 * want[0],) + want[1:],
               "T": lambda: have == want[::-1]}[how]()
         if not ok:
-            raise ModelError(f"checkpoint {path}: {o!r} has shape {list(have)} where the {arch} architecture "
-                             f"has {list(want)}: a different architecture; give --model-config (a diffusers "
-                             "folder of the same architecture)")
+            raise ModelError(f"checkpoint {path}: {o!r} has shape {list(have)} where {against} has "
+                             f"{list(want)}; {hint}")
 
 
 def _fill(module, rows, read) -> None:
@@ -673,6 +683,8 @@ def load_single_file(path, model_config: str = "", tokenizer=None, prediction: s
         if not folder.is_dir():
             raise ModelError(f"model config {folder} is not a folder: give a diffusers folder of the same architecture")
         configs = _folder_configs(folder, family)
+        if prediction:
+            configs["scheduler"]["prediction_type"] = prediction
     elif arch.startswith("tiny"):
         raise ModelError(f"checkpoint {path} is a non-standard {arch[5:]} model (text width "
                          f"{'+'.join(map(str, info['token_dims']))}): give --model-config, a diffusers folder of "
@@ -686,8 +698,9 @@ def load_single_file(path, model_config: str = "", tokenizer=None, prediction: s
     parts = [("unet", models["unet"], "", configs["unet"]), ("vae", models["vae"], "", configs["vae"])]
     parts += [(c, m, p, {}) for (c, p), m in zip(_te_layouts(arch, keys), models["text_encoders"])]
     plans = [(m, _rows(c, m, p, cfg)) for c, m, p, cfg in parts]
+    against = f"model config {model_config}" if model_config else f"the standard {arch} architecture"
     for m, rows in plans:
-        _check_rows(path, arch, rows, m, keys)
+        _check_rows(path, against, rows, m, keys)
     reader = _Reader(path)
     for m, rows in plans:
         _fill(m, rows, lambda k: reader(names[k]))
