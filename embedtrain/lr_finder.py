@@ -708,31 +708,72 @@ def parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
+# The finder's own options (the flags of `parser`, by dest) and their defaults when not given.
+OPTIONS = {"lr-find": {"ramp": "linear", "start_lr": None, "end_lr": None, "updates": 60},
+           "sweep": {"candidates": None, "epochs": 8.0}}
+
+
 def prepare(command: str, argv) -> tuple[TrainConfig, argparse.Namespace, list[str], Path]:
-    """Parse and check a finder command line without loading anything: (cfg, args, notes, out_dir).
-    The web UI calls this too, so a bad setting is reported before a process starts."""
+    """Parse and check a finder command line without loading anything: (cfg, args, notes, out_dir)."""
     args = parser(command).parse_args(argv)
     typed = {f.name for f in fields(TrainConfig) if hasattr(args, f.name)}
     if args.config:
         typed |= set(read_settings(args.config))
     cfg = config_from_args(args, args.config)
+    options = {k: getattr(args, k) for k in OPTIONS[command]}
+    cfg, options, notes, out_dir = settle(command, cfg, typed, options)
+    for k, v in options.items():
+        setattr(args, k, v)
+    return cfg, args, notes, out_dir
+
+
+def settle(command: str, cfg: TrainConfig, typed: set[str], options: dict):
+    """The checks and defaults of a finder run, whoever asks (a command line or the web UI): the finder's
+    changes to the settings (finder_config), the options checked (sweep candidates parsed, the range test's
+    ramp), and the run folder, refused if it already holds a run. Returns (cfg, options, notes, out_dir)."""
+    options = {**OPTIONS[command], **{k: v for k, v in options.items() if v is not None}}
     notes = []
     if "steps" in typed or "step_unit" in typed:
         notes.append("--steps/--step-unit are ignored here: the length is --updates (lr-find) or --epochs (sweep)")
     cfg, more = finder_config(cfg, typed)
     cfg = cfg.validate()
     if command == "sweep":
-        args.candidates = parse_candidates(args.candidates) if args.candidates else default_candidates(cfg.lr)
-        if not (math.isfinite(args.epochs) and 0 < args.epochs <= MAX_SWEEP_EPOCHS):
-            raise ConfigError(f"epochs must be a number > 0 and <= {MAX_SWEEP_EPOCHS}, got {args.epochs!r}")
+        c = options["candidates"]
+        options["candidates"] = (parse_candidates(c) if isinstance(c, str) else list(c)) if c else \
+            default_candidates(cfg.lr)
+        if not (isinstance(options["epochs"], (int, float)) and math.isfinite(options["epochs"])
+                and 0 < options["epochs"] <= MAX_SWEEP_EPOCHS):
+            raise ConfigError(f"epochs must be a number > 0 and <= {MAX_SWEEP_EPOCHS}, got {options['epochs']!r}")
     else:
-        ramp_settings(cfg.lr, args.ramp, args.start_lr, args.end_lr, args.updates, getattr(args, "val_every", None))
+        ramp_settings(cfg.lr, options["ramp"], options["start_lr"], options["end_lr"], options["updates"],
+                      cfg.val_every if "val_every" in typed else None)
     kind = "lrfind" if command == "lr-find" else "sweep"
     from embedtrain.config import check_safe_name, default_run_name
     from embedtrain.trainer import refuse_existing_run
     out_dir = Path(cfg.out) / check_safe_name(cfg.run_name or default_run_name(cfg.name, kind), "run_name")
     refuse_existing_run(out_dir, resumable=False)  # its curves and run folders would mix with the new ones
-    return cfg, args, notes + more, out_dir
+    return cfg, options, notes + more, out_dir
+
+
+def request(command: str, settings: dict, options: dict) -> tuple[TrainConfig, dict, Path, list[str]]:
+    """A finder run as the web UI asks for it: `settings` are TrainConfig fields (out and run_name included),
+    `options` the finder's own. Checked exactly as a command line is (settle), with no argparse in the server.
+    Returns (cfg, options, out_dir, argv): argv is the process's command line once `settings` are written to
+    OUT_DIR/job.json, which it reads with --config (so the process sees what was checked)."""
+    from embedtrain.config import apply_preset, lr_fields
+    settings = dict(settings)
+    options = {k: (int(v) if isinstance(v, float) and v.is_integer() and k == "updates" else v)
+               for k, v in options.items() if v not in (None, "")}
+    if "lr" in settings:
+        settings.update(lr_fields(settings["lr"]))   # a number, or A1111's piecewise text
+    cfg = apply_preset(TrainConfig.from_dict(settings), set(settings))
+    cfg, options, _, out_dir = settle(command, cfg, set(settings), options)
+    argv = [command, "--config", str(out_dir / "job.json")]
+    for key, value in options.items():
+        if value is not None:
+            text = ",".join(f"{v:g}" for v in value) if key == "candidates" else str(value)
+            argv += ["--" + key.replace("_", "-"), text]
+    return cfg, options, out_dir, argv
 
 
 def _stop_control(out_dir: Path):

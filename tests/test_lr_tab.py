@@ -11,8 +11,9 @@ import pytest
 
 from conftest import make_images
 from embedtrain import EmbedtrainError
-from embedtrain.lr_finder import prepare
-from embedtrain.ui.lr_tab import finder_argv, lr_settings, progress_frame, range_settings, verdict_markdown
+from embedtrain.lr_finder import prepare, request
+from embedtrain.ui.lr_tab import (finder_options, finder_settings, lr_settings, progress_frame, range_settings,
+                                  verdict_markdown)
 from uihelp import app_server, chromium_page
 
 TRAIN_VALUES = {"model": "tiny", "data": "/data/x", "name": "zorblat", "init_text": "circle", "vectors": 1.0,
@@ -20,23 +21,33 @@ TRAIN_VALUES = {"model": "tiny", "data": "/data/x", "name": "zorblat", "init_tex
                 "resolution": 32.0, "val_split": 0.0, "lr": "0.005"}
 
 
-def test_argv_from_the_train_tab_is_a_valid_finder_command_line(images, tmp_path):
+def test_a_finder_request_from_the_train_tab_is_what_its_command_line_runs(images, tmp_path):
+    """The web UI checks a finder run without argparse (lr_finder.request); the process it starts reads the
+    same settings from job.json and must arrive at the same run."""
     values = dict(TRAIN_VALUES, data=str(images))
-    argv = finder_argv("range", values, {"ramp": "exponential", "updates": 40.0, "start_lr": "", "end_lr": "0.1"},
-                       tmp_path, "r1")
-    assert argv[0] == "lr-find" and "--val-split" not in argv  # 0 = let the finder hold out its 25%
-    assert argv[argv.index("--batch-size") + 1] == "2" and argv[argv.index("--updates") + 1] == "40"
-    cfg, args, notes, out_dir = prepare(argv[0], argv[1:])
+    settings = finder_settings(values, tmp_path, "r1")
+    assert "val_split" not in settings   # 0 = let the finder hold out its 25%
+    cfg, options, out_dir, argv = request("lr-find", settings, finder_options(
+        "range", {"ramp": "exponential", "updates": 40.0, "start_lr": "", "end_lr": "0.1"}))
     assert (cfg.model, cfg.name, cfg.batch_size, cfg.val_split, cfg.lr) == ("tiny", "zorblat", 2, 0.25, 0.005)
-    assert args.ramp == "exponential" and args.end_lr == 0.1 and args.start_lr is None
-    assert out_dir == tmp_path / "r1" and "holding out 25%" in notes[0]
+    assert options["ramp"] == "exponential" and options["end_lr"] == 0.1 and options["updates"] == 40
+    assert out_dir == tmp_path / "r1"
+    assert argv[:3] == ["lr-find", "--config", str(out_dir / "job.json")]
+    (out_dir).mkdir()
+    (out_dir / "job.json").write_text(json.dumps(settings))
+    cli_cfg, args, notes, cli_out = prepare(argv[0], argv[1:])
+    assert cli_cfg == cfg and cli_out == out_dir and "holding out 25%" in notes[0]
+    assert (args.ramp, args.end_lr, args.start_lr, args.updates) == ("exponential", 0.1, None, 40)
 
-    argv = finder_argv("sweep", dict(values, val_split=0.5), {"candidates": "1e-3, 3e-3", "epochs": 2.0}, tmp_path,
-                       "s1")
-    cfg, args, _, _ = prepare(argv[0], argv[1:])
-    assert args.candidates == [1e-3, 3e-3] and args.epochs == 2.0 and cfg.val_split == 0.5
+    settings = finder_settings(dict(values, val_split=0.5), tmp_path, "s1")
+    cfg, options, _, argv = request("sweep", settings, finder_options("sweep", {"candidates": "1e-3, 3e-3",
+                                                                                "epochs": 2.0}))
+    assert options["candidates"] == [1e-3, 3e-3] and options["epochs"] == 2.0 and cfg.val_split == 0.5
+    assert argv[argv.index("--candidates") + 1] == "0.001,0.003"
     with pytest.raises(EmbedtrainError, match="'x' is not a number"):
-        prepare("sweep", finder_argv("sweep", values, {"candidates": "1e-3, x"}, tmp_path, "s2")[1:])
+        request("sweep", finder_settings(values, tmp_path, "s2"), finder_options("sweep", {"candidates": "1e-3, x"}))
+    with pytest.raises(EmbedtrainError, match="batch_size must be a number|batch_size"):
+        request("lr-find", finder_settings(dict(values, batch_size="lots"), tmp_path, "s3"), {})
 
 
 def test_progress_frame_reads_the_runs_as_they_are_written(tmp_path):
@@ -123,7 +134,7 @@ def test_lr_tab_in_chromium(tmp_path):
         # a bad setting is refused before any process starts, naming the field
         page.locator("#lr-end input, #lr-end textarea").first.fill("abc")
         page.locator("#lr-run-range").click()
-        expect(page.locator("#lr-message")).to_contain_text("--end-lr", timeout=30_000)
+        expect(page.locator("#lr-message")).to_contain_text("end_lr must be a number", timeout=30_000)
         assert not (outputs / "lr" / ".job.json").exists()
 
         # range test: 6 updates from 0 to 0.2, a live curve, then the verdict in words and the plot

@@ -10,6 +10,7 @@ settings_of) are tested without a browser.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from embedtrain.fileio import is_embedding_file
 from embedtrain.grid import (DEFAULT_PROMPTS, SAMPLERS, GridError, GridSettings, parse_pair, default_out,
                              parse_prompts, parse_seeds)
 from embedtrain.ui.context import api_parameters
-from embedtrain.ui.jobs import JobSlot, job_alive, launch, tail
+from embedtrain.ui.jobs import Job, job_alive, tail
 
 BASELINES = ["none", "init text", "no embedding", "this text"]
 # The Train tab inputs "Use these settings" fills from a run's config.json (those that exist are used).
@@ -167,7 +168,7 @@ def settings_of(ctx, picked) -> dict:
 
 # ------------------------------------------------------------------ the render process
 class Runner:
-    """One grid or study process at a time (per outputs folder, with the other jobs: JobSlot).
+    """Grids and studies: the web UI's "grid" Job (one job of any kind at a time per outputs folder).
 
     The process runs in its own session and writes its JSON events to grids/.job-events.jsonl (stderr to
     grids/.last-render.log), so it outlives a restarted web server, and a page opened later (or after the
@@ -175,42 +176,38 @@ class Runner:
 
     def __init__(self, outputs: Path):
         self.outputs = Path(outputs)
-        self.proc = None
-        self.finished = False   # the running process has sent its result
+        self.job = Job(outputs, "grid")
         self.lock = threading.Lock()
-        self.slot = JobSlot(outputs)   # one job of any kind at a time per outputs folder
         self.events = self.outputs / "grids" / ".job-events.jsonl"
         self.log = self.outputs / "grids" / ".last-render.log"
+
+    def _result_in(self) -> bool:
+        events = list(follow_events(self.events, lambda: False))
+        return bool(events) and events[-1].get("event") in ("done", "error")
 
     def stream(self, argv: list[str]):
         """Start `python -m embedtrain ARGV` and yield its JSON events until its result is in.
 
         Once the process has sent `done` or `error` the generator ends at once; the process's own
         teardown (freeing the model, interpreter exit) is waited for on a background thread, so the
-        page's event finishes with the result and the next Render is accepted straight away.
+        page's event finishes with the result and the next Render is accepted straight away (a process
+        still tearing down after its result is ended then).
         """
         with self.lock:
-            if self.proc is not None and self.proc.poll() is None:
-                if not self.finished:
-                    raise GridError("a grid or study is already running; wait for it or press Stop")
-                self.proc.kill()     # its result is already in: it is only tearing down
-                self.proc.wait()
+            old = self.job.running()
+            if old and self._result_in():   # its result is in: it is only tearing down
+                self.job.slot.signal(old, signal.SIGKILL)
+                deadline = time.time() + 10
+                while job_alive(old) and time.time() < deadline:
+                    time.sleep(0.05)
             self.events.parent.mkdir(parents=True, exist_ok=True)
-
-            def spawn():
-                with open(self.events, "wb") as out, open(self.log, "wb") as err:
-                    self.proc = launch(argv, stdout=out, stderr=err)
-                return self.proc, {"name": argv[0], "argv": argv}
-
             try:
-                self.slot.start("grid", spawn)
+                self.job.start(argv, self.events, stderr=self.log, name=argv[0])
             except EmbedtrainError as e:
                 raise GridError(str(e)) from None
-            proc = self.proc
-            self.finished = False
+            proc = self.job.proc
         for ev in follow_events(self.events, lambda: proc.poll() is None):
             if ev.get("event") in ("done", "error"):
-                self.finished = True
                 threading.Thread(target=proc.wait, daemon=True).start()
             yield ev
             if ev.get("event") in ("done", "error"):
@@ -221,16 +218,12 @@ class Runner:
                + (" (stopped)" if rc < 0 else "") + (f". Last output:\n{last}" if last.strip() else "")}
 
     def stop(self) -> str:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            return "stopped"
-        job = self.slot.record("grid")   # started by an earlier server on this folder
-        return "stopped" if job and self.slot.signal(job) else "nothing is rendering"
+        return self.job.stop()
 
     def job_view(self) -> dict:
         """The last grid or study job as a page opened now sees it: running (with its latest progress
         line), finished (its result event), failed, or none. For pages that did not start it."""
-        job = self.slot.record("grid")
+        job = self.job.record()
         if not job:
             return {"state": "none"}
         events = list(follow_events(self.events, lambda: False))

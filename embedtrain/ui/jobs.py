@@ -163,28 +163,99 @@ class JobSlot:
         return True
 
 
+# What Stop says for each kind: (first press: a STOP file was written; second press: the process was signalled).
+STOP_WORDS = {"train": ("stopping {name}: it finishes the current update and saves", "stop asked again: signalled {name}"),
+              "lr": ("stopping: the current update finishes, then the curve so far is read",
+                     "stop asked again: signalled the process")}
+
+
+class Job:
+    """The web UI's job of one kind (train, lr or grid): a `python -m embedtrain ...` process in its own session,
+    started under the one-job lock (JobSlot) and recorded in the kind's state file: kind, command line, run
+    folder, pid and the process's start time. Everything the page shows is read from that record and the
+    files the process writes, so a page opened later, or a restarted server, finds a running job of every
+    kind, follows it and can stop it; nothing about a job lives only in the server's memory."""
+
+    def __init__(self, outputs, kind: str):
+        self.outputs, self.kind = Path(outputs).resolve(), kind
+        self.slot = JobSlot(self.outputs)
+        self.proc = None   # the process, when this server started it (tests wait on it)
+
+    def record(self) -> dict | None:
+        return self.slot.record(self.kind)
+
+    def running(self) -> dict | None:
+        job = self.record()
+        return job if job_alive(job) else None
+
+    def refuse_if_busy(self) -> None:
+        """Any job running (of any kind) refuses a start; said before a request's own checks, and checked again
+        under the lock in start(), where it counts."""
+        busy = self.slot.running()
+        if busy:
+            raise self.slot.busy(*busy)
+
+    def start(self, argv: list[str], stdout: Path, stderr: Path | None = None, prepare=None, **fields) -> dict:
+        """Under the lock: `prepare()` (make the run folder, write its settings), then `python -m embedtrain ARGV`
+        with its output appended to `stdout` (and `stderr`, else the same file). Returns the record."""
+        def spawn():
+            if prepare is not None:
+                prepare()
+            Path(stdout).parent.mkdir(parents=True, exist_ok=True)
+            with open(stdout, "ab" if stderr is None else "wb") as out:
+                if stderr is None:
+                    self.proc = launch(argv, stdout=out)
+                else:
+                    with open(stderr, "wb") as err:
+                        self.proc = launch(argv, stdout=out, stderr=err)
+            return self.proc, {"argv": argv, **fields}
+
+        return self.slot.start(self.kind, spawn)
+
+    def stop(self) -> str:
+        """Stop the running job. Jobs with a run folder (training, LR finder) get a STOP file first: they
+        finish the current update, save and exit; a second press signals the process, except while a training
+        job is still loading (a signal then would kill it before it can save). Grids are signalled at once."""
+        job = self.running()
+        if not job:
+            return "no job is running" if self.kind == "train" else "nothing is running"
+        if self.kind == "grid":
+            return "stopped" if self.slot.signal(job) else "nothing is rendering"
+        first, again = STOP_WORDS[self.kind]
+        stop = Path(job["run_dir"]) / "STOP"
+        if not stop.exists():
+            stop.write_text("stop requested from the web UI\n")
+            return first.format(name=job.get("name", ""))
+        if self.kind == "train" and not _has_started(Path(job["run_dir"])):
+            return f"stop already asked: {job['name']} is still loading and stops before its first update"
+        if not self.slot.signal(job):
+            return "no job is running"
+        return again.format(name=job.get("name", ""))
+
+
 class JobManager:
+    """Training jobs: a run folder per job, `train --config RUN/job.json` (or `--resume RUN`) as its process."""
+
     def __init__(self, outputs):
         self.outputs = Path(outputs).resolve()
         self.outputs.mkdir(parents=True, exist_ok=True)
-        self.state_file = self.outputs / STATE_FILES["train"]
-        self.slot = JobSlot(self.outputs)
+        self.job = Job(self.outputs, "train")
+        self.slot = self.job.slot
         # The web UI's rule for folders and files it may read (UIContext.allowed_folder); None: no limit (the
         # CLI, tests). A /train call must not make a job read what the page itself may not.
         self.allowed_folder = None
 
+    @property
+    def _proc(self):
+        return self.job.proc
+
     # ------------------------------------------------------------ control
     def current(self) -> dict | None:
-        try:
-            return json.loads(self.state_file.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        return self.job.record()
 
     def start(self, cfg: TrainConfig, resume_dir: str | None = None) -> Path:
         """Start a job, or resume a stopped run; refuse while another job of any kind runs."""
-        busy = self.slot.running()
-        if busy:   # said before the checks below; checked again under the lock, where it counts
-            raise self.slot.busy(*busy)
+        self.job.refuse_if_busy()
         if resume_dir:
             run_dir = self._inside_outputs(resume_dir)
             if not (run_dir / "resume.pt").is_file():
@@ -204,19 +275,15 @@ class JobManager:
             args = ["--config", str(run_dir / "job.json")]
             name = cfg.name
 
-        def spawn():
+        def prepare():
             if not resume_dir:
                 if run_dir.exists():
                     raise JobError(f"run folder {run_dir.name} already exists; choose another run name")
                 run_dir.mkdir(parents=True)
                 cfg.save(run_dir / "job.json")
             (run_dir / "STOP").unlink(missing_ok=True)
-            with open(run_dir / "job.log", "ab") as log:
-                proc = launch(["train", *args], stdout=log)
-            self._proc = proc
-            return proc, {"run_dir": str(run_dir), "name": name}
 
-        self.slot.start("train", spawn)
+        self.job.start(["train", *args], run_dir / "job.log", prepare=prepare, run_dir=str(run_dir), name=name)
         return run_dir
 
     def check_readable(self, cfg: TrainConfig) -> None:
@@ -230,19 +297,7 @@ class JobManager:
 
     def stop(self) -> str:
         """Ask the running job to finish its update, save and exit (a STOP file); a second stop signals it."""
-        job = self.current()
-        if not job_alive(job):
-            return "no job is running"
-        stop = Path(job["run_dir"]) / "STOP"
-        if stop.exists():
-            if not _has_started(Path(job["run_dir"])):
-                # Still importing and loading: a signal now would kill it before it can save anything.
-                return f"stop already asked: {job['name']} is still loading and stops before its first update"
-            if not self.slot.signal(job):
-                return "no job is running"
-            return f"stop asked again: signalled {job['name']}"
-        stop.write_text("stop requested from the web UI\n")
-        return f"stopping {job['name']}: it finishes the current update and saves"
+        return self.job.stop()
 
     def wait(self, timeout: float = 60.0) -> None:
         job = self.current()

@@ -5,7 +5,7 @@ The model, dataset and token come from the Train tab's inputs (one place to set 
 tab does not offer one does this tab show its own. A run is `python -m embedtrain lr-find|sweep ...` in its
 own process, writing under outputs/lr/<run>/; a 1 s timer reads that folder (the trainer's log.csv of each
 run for the live curve, lr_find.json / sweep.json for the verdict), so closing the page stops nothing and
-reopening it shows the job again (outputs/lr/.job.json). The pure helpers (finder_argv, progress_frame,
+reopening it shows the job again (outputs/lr/.job.json). The pure helpers (finder_settings, progress_frame,
 verdict_markdown, range_settings, lr_settings) are tested without a browser. No torch import here.
 """
 
@@ -21,9 +21,9 @@ import pandas as pd
 
 from embedtrain import EmbedtrainError
 from embedtrain.calculator import step_size_for_k
-from embedtrain.fileio import read_log_rows
 from embedtrain.config import TEMPLATES, TrainConfig, apply_preset, default_run_name
-from embedtrain.ui.jobs import STATE_FILES, JobSlot, job_alive, launch, tail
+from embedtrain.fileio import atomic_write_text, read_log_rows
+from embedtrain.ui.jobs import Job, job_alive, tail
 from embedtrain.ui.plots import typed_frame, with_series
 
 # Train-tab settings the finder runs with (TrainConfig field names), in the order callbacks get them.
@@ -49,34 +49,31 @@ def _num(x):
     return "" if x is None or (isinstance(x, str) and not x.strip()) else str(x).strip()
 
 
-def finder_argv(kind: str, values: dict, opts: dict, out: Path, run_name: str) -> list[str]:
-    """The command line of a finder run. values: the Train-tab settings (SOURCE keys); opts: ramp, start_lr,
-    end_lr, updates (range) or candidates, epochs (sweep)."""
-    argv = [COMMAND[kind]]
-    flags = {"model": "--model", "data": "--data", "name": "--name", "init_text": "--init-text",
-             "vectors": "--vectors", "template": "--template", "batch_size": "--batch-size",
-             "grad_accum": "--grad-accum", "optimizer": "--optimizer", "seed": "--seed",
-             "resolution": "--resolution", "lr": "--lr"}
-    for key, flag in flags.items():
-        v = values.get(key)
+def finder_settings(values: dict, out: Path, run_name: str) -> dict:
+    """The Train tab's values as the finder's settings (TrainConfig fields): empty boxes left out, and a
+    validation split of 0 too (the finder then holds out its default share)."""
+    settings = {k: v.strip() if isinstance(v, str) else v for k, v in values.items()
+                if k in SOURCE and v is not None and not (isinstance(v, str) and not v.strip())}
+    if not settings.get("val_split"):
+        settings.pop("val_split", None)
+    return {**settings, "out": str(out), "run_name": run_name}
+
+
+def finder_options(kind: str, opts: dict) -> dict:
+    """The tab's option boxes as the finder's options (empty boxes: the finder's defaults)."""
+    keys = ("ramp", "updates", "start_lr", "end_lr") if kind == "range" else ("candidates", "epochs")
+    out = {}
+    for k in keys:
+        v = opts.get(k)
         if v is None or (isinstance(v, str) and not v.strip()):
             continue
-        if isinstance(v, float) and v.is_integer() and key not in ("lr",):
-            v = int(v)
-        argv += [flag, str(v).strip()]
-    if values.get("val_split"):  # 0 / missing: let the finder hold out its default share
-        argv += ["--val-split", str(values["val_split"])]
-    if kind == "range":
-        argv += ["--ramp", opts.get("ramp") or "linear", "--updates", str(int(opts.get("updates") or 60))]
-        if _num(opts.get("start_lr")):
-            argv += ["--start-lr", _num(opts["start_lr"])]
-        if _num(opts.get("end_lr")):
-            argv += ["--end-lr", _num(opts["end_lr"])]
-    else:
-        if _num(opts.get("candidates")):
-            argv += ["--candidates", _num(opts["candidates"])]
-        argv += ["--epochs", str(opts.get("epochs") or 8)]
-    return argv + ["--out", str(out), "--run-name", run_name]
+        if k in ("start_lr", "end_lr"):
+            try:
+                v = float(v)
+            except ValueError:
+                raise EmbedtrainError(f"{k} must be a number, got {v!r}") from None
+        out[k] = v.strip() if isinstance(v, str) else v
+    return out
 
 
 def _val(row: dict):
@@ -172,51 +169,38 @@ def lr_settings(report: dict) -> dict:
 # ---------------------------------------------------------------- jobs (one at a time per outputs folder)
 
 class FinderJobs:
+    """Range tests and sweeps: the web UI's "lr" Job, one run folder each under outputs/lr/."""
+
     def __init__(self, outputs: Path):
         self.root = Path(outputs) / "lr"
-        self.state_file = Path(outputs) / STATE_FILES["lr"]
-        self.slot = JobSlot(outputs)
+        self.job = Job(outputs, "lr")
 
     def current(self) -> dict | None:
-        try:
-            return json.loads(self.state_file.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        return self.job.record()
 
     def running(self) -> dict | None:
-        job = self.current()
-        return job if job_alive(job) else None
+        return self.job.running()
 
     def start(self, kind: str, values: dict, opts: dict) -> dict:
-        from embedtrain.lr_finder import prepare
-        busy = self.slot.running()
-        if busy:   # before the settings are checked; checked again under the slot's lock
-            raise self.slot.busy(*busy)
+        """Check the settings as the finder's command line would (lr_finder.request, no argparse here), then
+        start the process on the checked settings (written to the run folder's job.json)."""
+        from embedtrain.lr_finder import request
+        self.job.refuse_if_busy()
         name = str(values.get("name") or "embedding").strip() or "embedding"
         run_name = default_run_name(name, "lrfind" if kind == "range" else "sweep")
-        argv = finder_argv(kind, values, opts, self.root, run_name)
-        _, _, _, run_dir = prepare(argv[0], argv[1:])  # bad settings are refused here, before any process
+        settings = finder_settings(values, self.root, run_name)
+        _, _, run_dir, argv = request(COMMAND[kind], settings, finder_options(kind, opts))
 
-        def spawn():
+        def prepare():
             if run_dir.exists():
                 raise EmbedtrainError(f"{run_dir.name} already exists; wait a second and run again")
             run_dir.mkdir(parents=True)
-            with open(run_dir / "job.log", "ab") as log:
-                proc = launch(argv, stdout=log)
-            return proc, {"kind": kind, "run_dir": str(run_dir), "argv": argv}
+            atomic_write_text(run_dir / "job.json", json.dumps(settings, indent=1))
 
-        return self.slot.start("lr", spawn)
+        return self.job.start(argv, run_dir / "job.log", prepare=prepare, kind=kind, run_dir=str(run_dir))
 
     def stop(self) -> str:
-        job = self.running()
-        if not job:
-            return "nothing is running"
-        stop = Path(job["run_dir"]) / "STOP"
-        if stop.exists():
-            self.slot.signal(job)
-            return "stop asked again: signalled the process"
-        stop.write_text("stop requested from the web UI\n")
-        return "stopping: the current update finishes, then the curve so far is read"
+        return self.job.stop()
 
     def latest(self, kind: str) -> tuple[Path, dict] | tuple[None, None]:
         """The most recent finished result of this kind (its folder and JSON)."""
@@ -357,17 +341,11 @@ def _wire_jobs(ctx, jobs: FinderJobs, src: dict, ui: dict) -> None:
         rest = args[len(src_keys):]
         opts = dict(zip(["ramp", "updates", "start_lr", "end_lr"], rest)) if kind == "range" else \
             dict(zip(["candidates", "epochs"], rest))
-        import contextlib
-        import io
-        err = io.StringIO()
         try:
             ctx.allowed_folder(values.get("data"))   # the finder reads the Train tab's dataset
-            with contextlib.redirect_stderr(err):  # argparse reports a bad flag value there, then exits
-                job = jobs.start(kind, values, opts)
-        except (EmbedtrainError, SystemExit) as e:
-            lines = err.getvalue().strip().splitlines()
-            text = str(e) if isinstance(e, EmbedtrainError) else (lines[-1] if lines else "invalid setting")
-            return f"**Error:** {text}", gr.Timer(active=False)
+            job = jobs.start(kind, values, opts)
+        except EmbedtrainError as e:
+            return f"**Error:** {e}", gr.Timer(active=False)
         return f"Started `{' '.join(job['argv'][:1])}` in `{job['run_dir']}`", gr.Timer(active=True)
 
     out = [ui["message"], ui["timer"]]
