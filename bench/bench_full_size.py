@@ -7,8 +7,8 @@ of the weights do not change the cost), given a small generated dataset (non-squ
 micro-conditioning sees real sizes and crops) and trained for a few weight updates by the real
 Trainer, with and without gradient checkpointing.
 
-    python bench/bench_full_size.py [--models sd15,sdxl] [--resolution 512] [--updates 2] [--device cpu]
-    python bench/bench_full_size.py --device cuda --resolution 1024 --precision bf16   # on a GPU
+    python -m bench.bench_full_size [--models sd15,sdxl] [--resolution 512] [--updates 2] [--device cpu]
+    python -m bench.bench_full_size --device cuda --resolution 1024 --precision bf16   # on a GPU
 
 CPU: each (model, checkpointing) runs in its own process, so its peak RSS is its own; prints s/update
 (median over the updates after the first) and peak RSS. CUDA: one process per model; prints s/update,
@@ -171,7 +171,6 @@ def main(argv=None) -> int:
     p.add_argument("--gc", default="off,on", help="gradient checkpointing settings to run: off,on")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: MODEL:GC
     args = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     if args.one:
         arch, gc = args.one.split(":")
         print("RESULT " + json.dumps(measure(arch, gc == "on", args)), flush=True)
@@ -193,10 +192,10 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             continue
         for gc in args.gc.split(","):   # CPU: a process each, so each peak RSS is its own
-            cmd = [sys.executable, __file__, "--one", f"{arch}:{gc}", "--resolution", str(args.resolution),
+            cmd = [sys.executable, "-m", "bench.bench_full_size", "--one", f"{arch}:{gc}", "--resolution", str(args.resolution),
                    "--updates", str(args.updates), "--batch-size", str(args.batch_size), "--device", args.device,
                    "--precision", args.precision]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not line:
                 print(f"{arch} gc={gc}: failed (rc {proc.returncode}): {proc.stderr.strip()[-600:]}", flush=True)

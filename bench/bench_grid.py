@@ -9,8 +9,8 @@ the grid's cost in "single images + one model load" (measured separately), the i
 Prints medians over --repeats (CPU seconds by default; --clock wall) and the ratio loop / grid (above 1:
 the grid is cheaper).
 
-    python bench/bench_grid.py                      # tiny model, N=3, P=2, S=2, 4 sampler steps, 3 repeats, 1 thread
-    python bench/bench_grid.py --model demo --steps 20
+    python -m bench.bench_grid                      # tiny model, N=3, P=2, S=2, 4 sampler steps, 3 repeats, 1 thread
+    python -m bench.bench_grid --model demo --steps 20
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # On a shared CPU, OpenMP threads that spin while waiting turn other people's load into our CPU seconds.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

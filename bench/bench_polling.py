@@ -2,7 +2,7 @@
 sessions polling the app's status endpoint once a second (what each open page's timer does), and with
 none again; measured side by side in one run. Target: the rate drops by at most 10%.
 
-    python bench/bench_polling.py [--sessions 20] [--window 30] [--model demo]
+    python -m bench.bench_polling [--sessions 20] [--window 30] [--model demo]
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def updates_between(run: Path, t0: float, t1: float) -> int:
@@ -42,7 +41,7 @@ def main(argv=None) -> int:
 
     from embedtrain.config import TrainConfig, apply_preset
     from embedtrain.ui.jobs import JobManager
-    from uihelp import app_server
+    from tests.uihelp import app_server
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-polling-"))
     outputs = tmp / "outputs"

@@ -1,7 +1,7 @@
 """Startup: time from `python app.py` to the first served page, against a bare Gradio hello-world started
 the same way in the same run; and time from `python -m embedtrain train` to its first weight update.
 
-    python bench/bench_startup.py [--repeats 3]
+    python -m bench.bench_startup [--repeats 3]
 
 Targets: app page <= hello-world + 1.5 s; first update <= 15 s after start on the demo model.
 """

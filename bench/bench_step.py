@@ -6,7 +6,7 @@ on pre-made tensors (ids tokenized once, noisy latents made once) with the same 
 is what embedtrain's loop adds: data order, noise and timesteps, tokenisation, optimizer, logging,
 validation at its default interval, bookkeeping. Target <= 1.10 at BS 1 and BS 4.
 
-    python bench/bench_step.py [--updates 30] [--repeats 3] [--sizes demo,mid]
+    python -m bench.bench_step [--updates 30] [--repeats 3] [--sizes demo,mid]
 
 Prints medians over repeats, measured side by side in this one process. CPU fp32 here.
 """
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # SD 1.5's published sizes (its text encoder is CLIP ViT-L: 768 wide, 12 layers). Too big to run here;
 # bench_vs_diffusers.py counts its FLOPs on the meta device.

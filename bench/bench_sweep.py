@@ -9,8 +9,8 @@ import per run) or `python -m embedtrain train` processes (`--separate cli`, wha
 Prints the median wall time of each over --repeats and the ratio sweep / separate (below 1: the sweep
 is cheaper).
 
-    python bench/bench_sweep.py                  # demo model, K = 3, 2 epochs each, 3 repeats
-    python bench/bench_sweep.py --model tiny --repeats 1
+    python -m bench.bench_sweep                  # demo model, K = 3, 2 epochs each, 3 repeats
+    python -m bench.bench_sweep --model tiny --repeats 1
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

@@ -1,6 +1,6 @@
 """Speed tries on the CPU: channels_last and torch.compile against embedtrain's plain update, side by side.
 
-    python bench/bench_tries.py [--sizes demo,mid] [--batch-sizes 1,4] [--updates 20] [--repeats 3]
+    python -m bench.bench_tries [--sizes demo,mid] [--batch-sizes 1,4] [--updates 20] [--repeats 3]
                                 [--variants plain,channels_last,compile]
 
 Each variant trains the same run (same model, data, seed, defaults) through `Trainer.run`; only the UNet
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 
 KEEP_BELOW = 0.95   # a try is kept only where it saves at least 5% of the update time, everywhere measured
@@ -49,7 +48,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from bench_step import build, make_data
+    from bench.bench_step import build, make_data
     from embedtrain import models
     from embedtrain.config import TrainConfig
     from embedtrain.trainer import Trainer

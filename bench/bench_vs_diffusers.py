@@ -4,7 +4,7 @@ Both train the same embedding on the same local model folder (a mid-size SD-arch
 from config and saved in diffusers format), the same images, resolution, batch size, gradient
 accumulation and learning rate, fp32 on the CPU, each as its own process started the same way.
 
-    python bench/bench_vs_diffusers.py --example PATH/textual_inversion.py [--size mid] [--batch-size 1]
+    python -m bench.bench_vs_diffusers --example PATH/textual_inversion.py [--size mid] [--batch-size 1]
 
 PATH is a local copy of diffusers' `examples/textual_inversion/textual_inversion.py` (never commit
 it); without `--example` the benchmark says it skipped. Both run under one small runner that stamps
@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 # Both tools run under this one runner, started the same way. It stamps the time of every optimizer
 # step (torch's global step hook, one line per weight update to $BENCH_STEP_STAMPS), so the time per
@@ -138,7 +137,7 @@ def part_times(pipe, batch_size: int, resolution: int, repeats: int = 5) -> dict
 def sd15_vae_unet_ratio() -> float:
     """VAE encode / UNet forward FLOPs of SD 1.5 (its published sizes) at 512 px, counted on the meta device."""
     import torch
-    from bench_step import SD15
+    from bench.bench_step import SD15
     from embedtrain.demo.model import build_pipeline
     with torch.device("meta"):
         pipe = build_pipeline(SD15)
@@ -188,7 +187,7 @@ def main(argv=None) -> int:
     if not example.is_file():
         ap.error(f"--example: {example} is not a file")
 
-    from bench_step import MID, make_data
+    from bench.bench_step import MID, make_data
     from embedtrain.demo.model import build_pipeline
     work = Path(tempfile.mkdtemp(prefix="embedtrain-vs-diffusers-"))
     pipe = build_pipeline(MID if args.size == "mid" else "demo")

@@ -1,6 +1,6 @@
 """Run every benchmark one after another and print each figure with its target and whether it is met.
 
-    python bench/run_all.py [--quick] [--only step,startup,...] [--diffusers-example PATH]
+    python -m bench.run_all [--quick] [--only step,startup,...] [--diffusers-example PATH]
 
 Each benchmark runs in its own process (never two at once: they would time each other), its full
 output is shown as it runs, and the lines that state a target are collected into a summary at the
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     failed = []
     for name in names:
         script, full, quick = BENCHES[name]
-        cmd = [sys.executable, str(HERE / script), *(quick if args.quick else full)]
+        cmd = [sys.executable, "-m", f"bench.{Path(script).stem}", *(quick if args.quick else full)]
         if name == "diffusers" and args.diffusers_example:
             cmd += ["--example", args.diffusers_example]
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
