@@ -198,3 +198,44 @@ def test_a_grid_outlives_its_server_and_a_new_one_finds_it(tmp_path, images):
     assert view["state"] == "done", view
     assert Path(view["event"]["grid"]) == png and png.is_file()
     assert seen_running or JobSlot(out).running() is None
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_a_study_survives_a_server_restart_and_the_new_page_follows_it(tmp_path, images):
+    """Run study from the page, restart the server while the study trains, open the page again: it shows the
+    study running (the Job record and events file, not the old server's memory), then its result."""
+    from uihelp import app_server, chromium_page
+    out = make_outputs(tmp_path, images)
+    events = out / "grids" / ".job-events.jsonl"
+    with app_server(out, "--model", "tiny", "--data", str(images)) as url, chromium_page() as page:
+        page.goto(url)
+        page.get_by_role("tab", name="Grid").click()
+        tab = page.locator("#tab-grid")
+        tab.get_by_label("Sampling steps").fill("2")
+        tab.get_by_label("Seeds").fill("1")
+        tab.locator("#grid-study").click()   # open the accordion
+        study = tab.locator("#grid-study")
+        study.get_by_label("Init text").fill("circle")
+        study.get_by_label("Setting 1: BS,GA").fill("2,2")
+        study.get_by_label("Setting 2: BS,GA").fill("1,4")
+        study.get_by_label("Low steps").fill("8")
+        study.get_by_label("High steps").fill("800")
+        tab.locator("#grid-study-run").click()
+        deadline = time.time() + 120
+        while time.time() < deadline and '"progress"' not in (events.read_text() if events.is_file() else ""):
+            time.sleep(0.2)
+        assert '"progress"' in events.read_text(), (out / "grids" / ".last-render.log").read_text()[-2000:]
+    # the first server is gone; the study's process is not
+    job = json.loads((out / "grids" / ".job.json").read_text())
+    assert job["argv"][0] == "study"
+    with app_server(out, "--model", "tiny", "--data", str(images)) as url, chromium_page() as page:
+        page.goto(url)
+        page.get_by_role("tab", name="Grid").click()
+        status = page.locator("#tab-grid #grid-status")
+        status.get_by_text("A study is running").wait_for(timeout=60_000)
+        status.get_by_text("Study written to").wait_for(timeout=300_000)
+        page.locator("#tab-grid #grid-image img").wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "study-after-restart.png"), full_page=True)
+    folders = sorted(out.glob("study-*"))
+    assert len(folders) == 1 and (folders[0] / "study.csv").is_file()
