@@ -385,6 +385,8 @@ def test_api_names_its_endpoints_parameters_and_outputs(tmp_path):
                           "/grid_embeddings", "/grid_use_settings"}, sorted(named)
     assert not info.get("unnamed_endpoints")
     assert [p["parameter_name"] for p in named["/train"]["parameters"]] == FIELDS
+    # SDXL's fields reach /train too, last (callers passing the older ones by position keep working)
+    assert FIELDS[-2:] == ["init_embedding", "train_encoders"] and "resolution" in FIELDS
     for name, ep in named.items():
         params = [p["parameter_name"] for p in ep["parameters"]]
         labels = [r["label"] for r in ep["returns"]]

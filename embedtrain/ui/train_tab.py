@@ -17,7 +17,8 @@ import gradio as gr
 import pandas as pd
 
 from embedtrain import EmbedtrainError
-from embedtrain.config import OPTIMIZERS, STEP_UNITS, TEMPLATES, TrainConfig, apply_preset, lr_fields
+from embedtrain.config import (OPTIMIZERS, STEP_UNITS, TEMPLATES, TRAIN_ENCODERS, TrainConfig, apply_preset,
+                               lr_fields)
 from embedtrain.ui.context import api_parameters, servable_files
 from embedtrain.ui.plots import typed_frame, with_series
 
@@ -29,7 +30,8 @@ FIELDS = ["model", "data", "name", "init_text", "vectors", "template", "batch_si
           "step_unit", "lr", "lr_schedule", "lr_piecewise", "lr_warmup", "lr_min", "lr_cycles", "lr_step_size",
           "lr_step_size_epochs", "lr_cycle_start", "lr_power", "lr_gamma", "lr_cycle_decay", "lr_decay_factor",
           "lr_extend", "lr_pct_start", "lr_div_factor", "lr_final_div_factor", "optimizer", "val_split", "val_every", "save_every",
-          "preview_every", "preview_prompt", "seed", "resolution", "flip", "run_name"]
+          "preview_every", "preview_prompt", "seed", "resolution", "flip", "run_name", "init_embedding",
+          "train_encoders"]   # new fields go last: API callers that pass them by position keep working
 
 INFO = {
     "batch_size": "images per batch (per process)",
@@ -40,6 +42,13 @@ INFO = {
     "lr": "learning rate; the top of a cyclical schedule. A1111 syntax such as 0.005:100, 1e-3:1000, 1e-5 "
           "also works here",
     "val_split": "fraction of the images held out for validation loss (0 = none)",
+    "vectors": "vectors per token; with a start embedding, its file's count is used",
+    "init_embedding": "an embedding file of the model's family (.safetensors, .pt, .bin, A1111 .png) whose vectors "
+                      "start the training; a relative path is inside the outputs folder. Empty = start from the "
+                      "initialization text",
+    "train_encoders": "SDXL only: train the vectors of both text encoders, or only clip_l (CLIP-L) or clip_g "
+                      "(OpenCLIP-bigG; the other keeps its start vectors). SD 1.x/2.x models have one encoder: both",
+    "resolution": "0 = the model's own: SD 1.x 512, SD 2.x 768, SDXL 1024",
 }
 
 
@@ -54,10 +63,30 @@ def form_config(ctx, values: dict) -> TrainConfig:
     """The form's values as a validated TrainConfig (every shown field counts as typed: presets don't apply)."""
     data = dict(values)
     data["run_name"] = str(data.get("run_name") or "").strip()
+    data["init_embedding"] = start_embedding_path(ctx, data.get("init_embedding"))
     data.update(lr_fields(data.get("lr", "")))   # a number, or A1111's piecewise text typed into the LR box
     data["out"] = str(ctx.outputs)
     cfg = TrainConfig.from_dict(data).validate()   # types first: a preset is looked up by the model's text
     return apply_preset(cfg, explicit=set(data)).validate()  # presets fill only what the form doesn't show
+
+
+def start_embedding_path(ctx, path) -> str:
+    """The "Start from embedding" path as the job gets it: absolute (a relative one lies in the outputs
+    folder), and refused (NotAllowed, naming init_embedding) unless the web UI may read it, before anything
+    looks at whether it exists. Empty stays empty."""
+    raw = str(path or "").strip()
+    if not raw:
+        return ""
+    p = Path(raw).expanduser()
+    p = p if p.is_absolute() else ctx.outputs / p
+    return str(ctx.allowed_folder(p, "init_embedding file", "init_embedding"))
+
+
+def vectors_box(path) -> dict:
+    """The vectors box for a "Start from embedding" value: the file's count replaces it while one is set."""
+    if str(path or "").strip():
+        return gr.update(interactive=False, info="from the start embedding: its file's vector count is used")
+    return gr.update(interactive=True, info=INFO["vectors"])
 
 
 def derived_text(ctx, values: dict) -> str:
@@ -76,11 +105,12 @@ def derived_text(ctx, values: dict) -> str:
             f"**{d.epochs:.2f} epochs** ({d.updates_per_epoch:.3g} updates per epoch) · {full}")
 
 
-# Where a problem with a field is shown: beside the model, the dataset, the name row, or under the
-# derived numbers (everything about length, batch and schedule).
-CHECK_SLOTS = ["model", "data", "name", "plan"]
+# Where a problem with a field is shown: beside the model, the dataset, the name row, the start-embedding
+# row, or under the derived numbers (everything about length, batch and schedule).
+CHECK_SLOTS = ["model", "data", "name", "init", "plan"]
 SLOT_OF = {"model": "model", "model_config": "model", "data": "data", "val_data": "data", "val_split": "data",
-           "name": "name", "init_text": "name", "vectors": "name", "template": "name"}
+           "name": "name", "init_text": "name", "vectors": "name", "template": "name",
+           "init_embedding": "init", "train_encoders": "init", "save_formats": "model"}
 
 
 def form_checks(ctx, values: dict, labels: dict | None = None) -> tuple[dict, list]:
@@ -420,10 +450,19 @@ def _model_and_data(cfg, c: dict, ui: dict) -> None:
     with gr.Row():
         c["name"] = gr.Textbox(cfg.name, label="Embedding name", info="also the word you write in prompts")
         c["init_text"] = gr.Textbox(cfg.init_text, label="Initialization text")
-        c["vectors"] = gr.Number(cfg.vectors, label="Vectors per token", precision=0, minimum=1, maximum=75)
+        c["vectors"] = gr.Number(cfg.vectors, label="Vectors per token", precision=0, minimum=1, maximum=75,
+                                 info=INFO["vectors"])
         c["template"] = gr.Dropdown(list(TEMPLATES), value=cfg.template, label="Prompt template",
                                     allow_custom_value=True)
     ui["check_name"] = gr.Markdown("", elem_id="check-name")
+    with gr.Row():
+        c["init_embedding"] = gr.Textbox(cfg.init_embedding, label="Start from embedding", scale=3,
+                                         placeholder="empty: start from the initialization text",
+                                         info=INFO["init_embedding"], elem_id="init-embedding")
+        c["train_encoders"] = gr.Dropdown(list(TRAIN_ENCODERS), value=cfg.train_encoders,
+                                          label="Text encoders trained (SDXL)", info=INFO["train_encoders"],
+                                          elem_id="train-encoders", scale=2)
+    ui["check_init"] = gr.Markdown("", elem_id="check-init")
 
 
 def _length_and_lr(cfg, c: dict, ui: dict) -> None:
@@ -491,7 +530,8 @@ def _more_settings(cfg, c: dict, ui: dict) -> None:
         with gr.Row():
             c["preview_prompt"] = gr.Textbox(cfg.preview_prompt, label="Preview prompt")
             c["seed"] = gr.Number(cfg.seed, label="Seed", precision=0)
-            c["resolution"] = gr.Number(cfg.resolution, label="Resolution (px)", precision=0, minimum=8, step=8)
+            c["resolution"] = gr.Number(cfg.resolution, label="Resolution (px)", precision=0, minimum=0, step=8,
+                                        info=INFO["resolution"])
             c["flip"] = gr.Checkbox(cfg.flip, label="Random horizontal flip")
             c["run_name"] = gr.Textbox("", label="Run folder name", placeholder="NAME-date-time")
     with gr.Accordion("Settings file", open=False):
@@ -557,6 +597,8 @@ def _wire_checks(ctx, c: dict, ui: dict) -> None:
           _check_outputs(ui), show_progress="hidden", api_visibility="private")
     c["data"].change(lambda folder: dataset_view(folder, ctx), c["data"], [ui["data_info"], ui["thumbs"]],
                      show_progress="hidden", api_name="dataset_view", api_visibility="private")
+    c["init_embedding"].change(vectors_box, c["init_embedding"], c["vectors"], show_progress="hidden",
+                               api_visibility="private")
 
     def load_model(source):
         from embedtrain import models
