@@ -37,6 +37,7 @@ MAX_GRAD_ACCUM = 4096
 MAX_STEPS = 10_000_000       # interval fields (val_every, save_every, lr_warmup, ...) share this bound
 MAX_REPEATS = 1000
 MAX_PREVIEW_STEPS = 1000
+MAX_VECTORS_TAGS = 1000      # keep_tokens: a caption is read to 75 tokens, so far fewer tags ever matter
 MAX_VAL_TRAIN_SUBSET = 100_000
 MAX_EPOCH_IMAGES = 10_000_000  # images x repeats: the data order holds one shuffled list of them per epoch
 # The highest learning rate accepted anywhere (lr, piecewise rates, lr_min, sweep candidates, range test):
@@ -162,6 +163,15 @@ class TrainConfig:
                             "model's own (SD 1.x 512, SD 2.x 768, SDXL 1024)")
     flip: bool = _f(False, "randomly mirror images horizontally")
     latent_sampling: str = _f("deterministic", "VAE latents: deterministic (posterior mean), once, random")
+    shuffle_tags: bool = _f(False, "shuffle a caption's comma-separated tags for every sample ([filewords])")
+    keep_tokens: int = _f(0, "the first N tags of a caption stay in place (not shuffled, never dropped)")
+    tag_dropout: float = _f(0.0, "probability that each (not kept) tag is left out of a sample's caption")
+    caption_dropout: float = _f(0.0, "probability that a sample's caption is left out entirely ([filewords] "
+                                     "empty: the template alone)")
+    noise_offset: float = _f(0.0, "noise offset: a per-channel constant added to the noise (0.05-0.1 is usual), "
+                                  "so the embedding can carry very dark or bright images")
+    min_snr_gamma: float = _f(0.0, "min-SNR loss weighting with this gamma (5 is usual; 0 = off): each timestep's "
+                                   "loss weighted by min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction)")
     # --- how long and how big ---
     batch_size: int = _f(1, "images per batch (per process)")
     grad_accum: int = _f(1, "gradient accumulation: batches summed into one weight update")
@@ -279,6 +289,11 @@ class TrainConfig:
         need(self.clip_grad_value >= 0, "clip_grad_value", ">= 0 (0 = off)")
         need(self.mixed_precision in PRECISIONS, "mixed_precision", f"one of {', '.join(PRECISIONS)}")
         need(0 <= self.val_split < 1, "val_split", "in [0, 1)")
+        need(0 <= self.keep_tokens <= MAX_VECTORS_TAGS, "keep_tokens", f">= 0 and <= {MAX_VECTORS_TAGS} tags")
+        for name in ("tag_dropout", "caption_dropout"):
+            need(0 <= getattr(self, name) <= 1, name, "a probability in [0, 1]")
+        need(0 <= self.noise_offset <= 1, "noise_offset", "in [0, 1] (0.05-0.1 is usual; 0 = off)")
+        need(0 <= self.min_snr_gamma <= 1000, "min_snr_gamma", "in [0, 1000] (5 is usual; 0 = off)")
         for name in ("val_every", "save_every", "preview_every"):
             need(0 <= getattr(self, name) <= MAX_STEPS, name, f">= 0 (0 = off) and <= {MAX_STEPS} updates")
         need(0 <= self.val_train_subset <= MAX_VAL_TRAIN_SUBSET, "val_train_subset",

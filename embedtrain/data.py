@@ -326,6 +326,25 @@ def load_templates(template: str) -> list[str]:
     return lines
 
 
+def vary_caption(caption: str, rng, shuffle: bool = False, keep: int = 0, tag_dropout: float = 0.0,
+                 caption_dropout: float = 0.0) -> str:
+    """One sample's caption: with probability caption_dropout none at all; else its comma-separated tags,
+    the first `keep` in place, each other one dropped with probability tag_dropout, the rest shuffled
+    (kohya's --shuffle_caption, --keep_tokens, --caption_tag_dropout_rate, --caption_dropout_rate).
+    `rng` (random.Random) is the sample's own, so a run replays exactly."""
+    if caption_dropout and rng.random() < caption_dropout:
+        return ""
+    if not (shuffle or tag_dropout):
+        return caption
+    tags = [t.strip() for t in caption.split(",") if t.strip()]
+    head, tail = tags[:keep], tags[keep:]
+    if tag_dropout:
+        tail = [t for t in tail if rng.random() >= tag_dropout]
+    if shuffle:
+        rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
 def make_prompt(template: str, name: str, caption: str) -> str:
     text = template.replace("[name]", name).replace("[filewords]", caption)
     return " ".join(text.split()).strip(" ,")

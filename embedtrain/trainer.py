@@ -31,6 +31,8 @@ from embedtrain.config import ConfigError, TrainConfig, add_arguments, config_fr
 
 LOG_COLUMNS = ["update", "batch", "epoch", "images_seen", "loss", "val_loss", "val_train_loss", "lr",
                "effective_lr", "time_s"]
+# Recipe options recorded in an embedding's metadata when they are on.
+RECIPE_FIELDS = ("shuffle_tags", "keep_tokens", "tag_dropout", "caption_dropout", "noise_offset", "min_snr_gamma")
 MAX_FP16_OVERFLOWS = 30  # fp16 loss scaling: overflowing retries of one update before it counts as a failure
 VAL_TIMESTEPS = 4  # fixed timesteps per validation image: a lower-variance estimate, still cheap
 
@@ -266,17 +268,19 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _loss(self, latents, noise, timesteps, prompts, reduce=True, time_ids=None):
+    def _loss(self, latents, noise, timesteps, prompts, reduce=True, time_ids=None, weighted=False):
+        """The denoising MSE per image (or its mean); `weighted`: the training loss, with min-SNR weights
+        when min_snr_gamma is set (validation stays plain MSE, comparable across settings)."""
         import torch.nn.functional as F
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        v_pred = self.noise_scheduler.config.prediction_type == "v_prediction"
+        target = self.noise_scheduler.get_velocity(latents, noise, timesteps) if v_pred else noise
         with self._autocast():
             hidden, added = self.encode_prompts(prompts, time_ids)
             pred = self.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if weighted and self.cfg.min_snr_gamma:
+            loss = loss * min_snr_weights(self.noise_scheduler, timesteps, self.cfg.min_snr_gamma, v_pred)
         return loss.mean() if reduce else loss
 
     def batch_inputs(self, batch_index: int):
@@ -289,7 +293,7 @@ class Trainer:
         """
         import torch
 
-        from embedtrain.data import make_prompt
+        from embedtrain.data import make_prompt, vary_caption
         cfg, bs = self.cfg, self.cfg.batch_size
         start = (batch_index * self.world + self.rank) * bs
         n_train = len(self.train_samples)
@@ -299,10 +303,13 @@ class Trainer:
             rng = random.Random(_seed_for("slot", cfg.seed, pos))
             g = torch.Generator().manual_seed(_seed_for("noise", cfg.seed, pos))
             picks.append(i)
-            prompts.append(make_prompt(rng.choice(self.templates), cfg.name, self.train_samples[i].caption))
+            # the caption options draw from their own stream: turning them on changes nothing else
+            caption = vary_caption(self.train_samples[i].caption, random.Random(_seed_for("caption", cfg.seed, pos)),
+                                   cfg.shuffle_tags, cfg.keep_tokens, cfg.tag_dropout, cfg.caption_dropout)
+            prompts.append(make_prompt(rng.choice(self.templates), cfg.name, caption))
             flips.append(cfg.flip and rng.random() < 0.5)
             timesteps.append(int(torch.randint(0, self.num_timesteps, (1,), generator=g)))
-            noise.append(torch.randn(self.cache.mean.shape[2:], generator=g))
+            noise.append(self._slot_noise(g, pos))
             if self.cache.std is not None:  # latent_sampling=random: a fresh posterior sample per slot
                 noise.append(torch.randn(self.cache.mean.shape[2:], generator=g))
         if self.cache.std is not None:
@@ -313,6 +320,17 @@ class Trainer:
         time_ids = self._time_ids([self.train_samples[i] for i in picks], flips)
         return (latents, self._to_device(torch.stack(noise)),
                 torch.tensor(timesteps, device=self.device), prompts, time_ids)
+
+    def _slot_noise(self, g, pos: int):
+        """The diffusion noise of stream slot `pos`; with noise_offset, plus a per-channel constant of that
+        scale (drawn from the slot's own offset stream, so the rest of the noise is unchanged)."""
+        import torch
+        shape = self.cache.mean.shape[2:]
+        noise = torch.randn(shape, generator=g)
+        if self.cfg.noise_offset:
+            offset = torch.Generator().manual_seed(_seed_for("offset", self.cfg.seed, pos))
+            noise = noise + self.cfg.noise_offset * torch.randn(shape[0], 1, 1, generator=offset)
+        return noise
 
     def _time_ids(self, samples, flips=None):
         """SDXL's micro-conditioning of these images ([B, 6] on the device), None for SD."""
@@ -408,6 +426,7 @@ class Trainer:
             "base_model": self.info.name, "base_model_hash": self.info.hash, "loss": "" if loss is None else
             f"{loss:.6f}", "val_loss": "" if val_loss is None else f"{val_loss:.6f}",
             **({"init_embedding": Path(cfg.init_embedding).name} if cfg.init_embedding else {}),
+            **{k: getattr(cfg, k) for k in RECIPE_FIELDS if getattr(cfg, k)},
             **({"train_encoders": cfg.train_encoders} if self.text.family == "SDXL" else {}),
         }
 
@@ -521,7 +540,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(cfg.grad_accum):
             latents, noise, timesteps, prompts, time_ids = self.batch_inputs(st.batch)
-            loss = self._loss(latents, noise, timesteps, prompts, time_ids=time_ids) / cfg.grad_accum
+            loss = self._loss(latents, noise, timesteps, prompts, time_ids=time_ids, weighted=True) / cfg.grad_accum
             (loss if scaler is None else scaler.scale(loss)).backward()
             loss_sum += loss.detach()
             st.batch += 1
@@ -785,6 +804,14 @@ class Trainer:
                     need(not value.is_floating_point() or bool(torch.isfinite(value).all()),
                          f"optimizer state {str(name)[:20]!r} holds NaN or infinite values")
         return update, batch, vectors, opt
+
+
+def min_snr_weights(noise_scheduler, timesteps, gamma: float, v_prediction: bool):
+    """Min-SNR loss weights (Hang et al. 2023) of these timesteps: min(SNR, gamma) / SNR for an epsilon
+    target, min(SNR, gamma) / (SNR + 1) for v-prediction, SNR = alpha_bar / (1 - alpha_bar)."""
+    alpha_bar = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / (snr + 1 if v_prediction else snr)
 
 
 def pipe_resolution(pipe) -> int:
