@@ -135,6 +135,7 @@ STEP_UNITS = ("update", "batch")
 LATENT_SAMPLING = ("deterministic", "once", "random")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 SAVE_FORMATS = ("safetensors", "a1111", "diffusers")
+REPORT_TO = ("", "tensorboard")
 TRAIN_ENCODERS = ("both", "clip_l", "clip_g")
 TEMPLATES = ("object", "style", "object_filewords", "style_filewords", "filewords", "name")
 
@@ -219,6 +220,8 @@ class TrainConfig:
     log_every: int = _f(1, "write a log row every N weight updates")
     save_every: int = _f(0, "write a snapshot NAME-<update>.safetensors every N weight updates (0 = off)")
     save_formats: str = _f("safetensors", "comma list of safetensors, a1111 (.pt), diffusers (learned_embeds)")
+    report_to: str = _f("", "also log loss, validation loss, LR and previews to: tensorboard (RUN/tensorboard; "
+                            "view with `tensorboard --logdir outputs`), or empty for none")
     preview_every: int = _f(0, "render a preview image every N weight updates (0 = off)")
     preview_prompt: str = _f("a photo of [name]", "preview prompt; [name] is the embedding")
     preview_steps: int = _f(20, "sampler steps of a preview")
@@ -254,6 +257,7 @@ class TrainConfig:
         need(self.resolution == 0 or 8 <= self.resolution <= MAX_RESOLUTION and self.resolution % 8 == 0,
              "resolution", f"0 (the model's own) or a multiple of 8, >= 8 and <= {MAX_RESOLUTION} pixels")
         need(self.train_encoders in TRAIN_ENCODERS, "train_encoders", f"one of {', '.join(TRAIN_ENCODERS)}")
+        need(self.report_to in REPORT_TO, "report_to", "tensorboard, or empty for none")
         if self.init_embedding.strip():
             need(Path(self.init_embedding).expanduser().is_file(), "init_embedding",
                  "an existing embedding file (.safetensors, .pt, .bin or an A1111 .png), or empty for init_text")

@@ -489,6 +489,8 @@ class Trainer:
             self.warnings.append(f"only {len(self.val_samples)} validation images: validation loss can mislead "
                                  "on a set this small (docs/guide.md#validation-loss)")
 
+        if main and cfg.report_to == "tensorboard":
+            on_event = _tensorboard(run_dir, on_event)
         events = _EventSink(run_dir, on_event, enabled=main, resume=resume)
         vectors = self.token.vectors
         vectors.grad = None  # an earlier run on this Trainer (a sweep candidate) may have ended mid-update
@@ -914,6 +916,35 @@ def _row_update(row: dict) -> int | None:
         return int(row["update"])
     except (TypeError, ValueError):
         return None
+
+
+def _tensorboard(run_dir: Path, then):
+    """An event callback that also writes TensorBoard scalars (loss, val_loss, val_train_loss, lr, effective_lr,
+    by weight update) and previews to RUN/tensorboard, then calls `then`; the writer closes with the run."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("report_to: tensorboard needs the tensorboard package: pip install tensorboard") from None
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=10)
+
+    def on_event(ev: dict) -> None:
+        kind = ev["event"]
+        if kind == "update":
+            for key in ("loss", "val_loss", "val_train_loss", "lr", "effective_lr"):
+                if isinstance(ev.get(key), (int, float)):
+                    writer.add_scalar(key, ev[key], ev["update"])
+        elif kind == "preview":
+            import numpy as np
+            from PIL import Image
+            with Image.open(ev["path"]) as im:
+                writer.add_image("preview", np.asarray(im.convert("RGB")), ev["update"], dataformats="HWC")
+        elif kind in ("done", "stopped", "failed"):
+            writer.close()
+        else:
+            writer.flush()
+        if then:
+            then(ev)
+    return on_event
 
 
 class _EventSink:

@@ -118,3 +118,23 @@ def test_recipe_options_are_checked_and_recorded(tag_cfg, tmp_path):
     meta = t.metadata(1, 1, 0.1, None)
     assert (meta["shuffle_tags"], meta["noise_offset"], meta["min_snr_gamma"]) == (True, 0.05, 5.0)
     assert "tag_dropout" not in meta   # off: not recorded
+
+
+def test_report_to_tensorboard_writes_what_the_log_holds(tag_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from embedtrain.fileio import read_log_rows
+    run = tmp_path / "run"
+    cfg = tag_cfg.replace(steps=4, batch_size=1, val_split=0.25, val_every=2, preview_every=2, report_to="tensorboard")
+    assert Trainer(cfg).run(run).status == "finished"
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    rows = read_log_rows(run / "log.csv")
+    assert [e.step for e in acc.Scalars("loss")] == [int(r["update"]) for r in rows] == [1, 2, 3, 4]
+    assert [round(e.value, 5) for e in acc.Scalars("loss")] == [round(float(r["loss"]), 5) for r in rows]
+    assert [e.step for e in acc.Scalars("val_loss")] == [2, 4]
+    assert [e.value for e in acc.Scalars("lr")] == pytest.approx([float(r["lr"]) for r in rows])
+    previews = acc.Images("preview")
+    assert [p.step for p in previews] == [2, 4] and previews[0].width == 32
+    with pytest.raises(ConfigError, match="report_to"):
+        tag_cfg.replace(report_to="wandb").validate()
