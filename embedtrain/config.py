@@ -134,7 +134,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "dadapt_adam", "prodigy", "schedulefree_ad
 STEP_UNITS = ("update", "batch")
 LATENT_SAMPLING = ("deterministic", "once", "random")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
-SAVE_FORMATS = ("safetensors", "a1111", "diffusers")
+SAVE_FORMATS = ("safetensors", "a1111", "diffusers", "png")
 REPORT_TO = ("", "tensorboard")
 TRAIN_ENCODERS = ("both", "clip_l", "clip_g")
 TEMPLATES = ("object", "style", "object_filewords", "style_filewords", "filewords", "name")
@@ -219,7 +219,9 @@ class TrainConfig:
     val_train_subset: int = _f(0, "also a fixed-noise 'stabilized' loss on this many training images")
     log_every: int = _f(1, "write a log row every N weight updates")
     save_every: int = _f(0, "write a snapshot NAME-<update>.safetensors every N weight updates (0 = off)")
-    save_formats: str = _f("safetensors", "comma list of safetensors, a1111 (.pt), diffusers (learned_embeds)")
+    save_formats: str = _f("safetensors", "comma list of safetensors, a1111 (.pt), diffusers (diffusers/NAME."
+                                          "safetensors), png (A1111's embedding card: the last preview with the "
+                                          "embedding inside)")
     report_to: str = _f("", "also log loss, validation loss, LR and previews to: tensorboard (RUN/tensorboard; "
                             "view with `tensorboard --logdir outputs`), or empty for none")
     preview_every: int = _f(0, "render a preview image every N weight updates (0 = off)")

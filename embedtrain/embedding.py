@@ -532,6 +532,9 @@ def _from_a1111_dict(data: dict, path: Path, stem: str, fmt: str) -> LoadedEmbed
                                fmt, meta)
     if "emb_params" in data:
         return LoadedEmbedding(stem, _as_matrix(data["emb_params"], "emb_params", path), fmt)
+    if "clip_l" in data and "clip_g" in data:   # SDXL, as A1111 keeps it in a card or .pt
+        return LoadedEmbedding(str(data.get("name") or stem), _as_matrix(data["clip_l"], "clip_l", path), fmt, {},
+                               _as_matrix(data["clip_g"], "clip_g", path))
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if len(tensors) == 1:
         (token, t), = tensors.items()
@@ -614,9 +617,10 @@ def _load_any(path: Path, stem: str) -> LoadedEmbedding:
 
 
 def save_embedding(path, vectors: torch.Tensor, name: str, meta: dict | None = None,
-                   fmt: str = "safetensors") -> Path:
-    """Write one embedding atomically in `fmt` (safetensors | a1111 | diffusers) to `path`
-    (`embedding_file` gives the path other clients read under `name`).
+                   fmt: str = "safetensors", card=None) -> Path:
+    """Write one embedding atomically in `fmt` (safetensors | a1111 | diffusers | png) to `path`
+    (`embedding_file` gives the path other clients read under `name`). png: `card` is the picture (a path or
+    PIL image; default a plain card with the name), the embedding in its 'sd-ti-embedding' text chunk.
 
     A failed write (disk full, read-only folder) raises EmbeddingError naming the file; the file that
     was there before, if any, is left as it was."""
@@ -630,13 +634,13 @@ def save_embedding(path, vectors: torch.Tensor, name: str, meta: dict | None = N
     meta = {str(k): str(v) for k, v in (meta or {}).items()}
     meta.setdefault("name", name)
     if fmt not in FORMAT_FILES:
-        raise EmbeddingError(f"save format must be safetensors, a1111 or diffusers, got {fmt!r}")
-    if isinstance(vectors, dict) and fmt != "safetensors":
+        raise EmbeddingError(f"save format must be safetensors, a1111, diffusers or png, got {fmt!r}")
+    if isinstance(vectors, dict) and fmt not in ("safetensors", "png"):
         raise EmbeddingError(f"the {fmt} format holds one text encoder's vectors; an SDXL embedding "
                              f"({' + '.join(t)}) is written as safetensors (save_files splits it for diffusers)")
     t = t if isinstance(vectors, dict) else t[""]
     try:
-        _write(path, t, name, meta, fmt)
+        _write(path, t, name, meta, fmt, card)
     except (OSError, RuntimeError, SafetensorError) as e:
         raise EmbeddingError(f"could not write {path}: {_io_reason(e)}; an earlier file of that name, if any, "
                              "is unchanged") from None
@@ -649,23 +653,54 @@ def _io_reason(e: Exception) -> str:
     return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
-def _write(path: Path, t, name: str, meta: dict, fmt: str) -> None:
+def _write(path: Path, t, name: str, meta: dict, fmt: str, card=None) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
+        if fmt == "png":
+            return write_card(tmp, t, name, meta, card)
         if fmt == "safetensors":
             save_file(t if isinstance(t, dict) else {"emb_params": t}, str(tmp), metadata=meta)
         elif fmt == "diffusers":
             save_file({name: t}, str(tmp), metadata=meta)
         elif fmt == "a1111":
-            tmp.write_bytes(a1111_zip(torch_bytes({
-                "string_to_token": {"*": 265},  # the id of '*' in SD 1.x's CLIP vocabulary, as A1111 writes it
-                "string_to_param": {"*": t},
-                "name": name,
-                "step": int(meta.get("updates", meta.get("step", 0)) or 0),
-                "sd_checkpoint": meta.get("base_model_hash"),
-                "sd_checkpoint_name": meta.get("base_model"),
-            })))
+            tmp.write_bytes(a1111_zip(torch_bytes(_a1111_data(t, name, meta))))
+
+
+def _a1111_data(t, name: str, meta: dict) -> dict:
+    """What A1111 stores for an embedding (.pt and embedding cards): SD's one vector set under '*', or
+    SDXL's clip_l / clip_g."""
+    vectors = dict(t) if isinstance(t, dict) else {
+        "string_to_token": {"*": 265},  # the id of '*' in SD 1.x's CLIP vocabulary, as A1111 writes it
+        "string_to_param": {"*": t}}
+    return {**vectors, "name": name, "step": int(meta.get("updates", meta.get("step", 0)) or 0),
+            "sd_checkpoint": meta.get("base_model_hash"), "sd_checkpoint_name": meta.get("base_model")}
+
+
+def write_card(path: Path, t, name: str, meta: dict, card=None) -> None:
+    """An A1111 embedding card: a PNG whose 'sd-ti-embedding' text chunk holds base64 JSON of the embedding
+    (tensors as {"TORCHTENSOR": nested lists}), which A1111 reads from its embeddings folder (and we read
+    back). The picture is `card` (the run's last preview) or a plain card with the name."""
+    import base64
+
+    from PIL import Image, ImageDraw
+    from PIL.PngImagePlugin import PngInfo
+
+    def plain(obj):
+        if isinstance(obj, torch.Tensor):
+            return {"TORCHTENSOR": obj.tolist()}
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        return obj
+    if card is None:
+        image = Image.new("RGB", (256, 256), (40, 40, 48))
+        ImageDraw.Draw(image).text((12, 116), name, fill=(235, 235, 235))
+    else:
+        image = card.convert("RGB") if isinstance(card, Image.Image) else Image.open(card).convert("RGB")
+    info = PngInfo()
+    info.add_text(PNG_EMBEDDING_KEY.decode(), base64.b64encode(json.dumps(plain(_a1111_data(t, name, meta))).encode())
+                  .decode(), zip=True)
+    image.save(path, format="PNG", pnginfo=info)
 
 
 def torch_bytes(obj) -> bytes:
@@ -707,10 +742,11 @@ def a1111_zip(raw: bytes) -> bytes:
 # Where each format's file goes in a folder. Every stem is the name, because A1111, ComfyUI and kohya
 # call an embedding by its file's stem; NAME.safetensors is the default format's, so the
 # diffusers-format file goes into a subfolder.
-FORMAT_FILES = {"safetensors": "{name}.safetensors", "a1111": "{name}.pt", "diffusers": "diffusers/{name}.safetensors"}
+FORMAT_FILES = {"safetensors": "{name}.safetensors", "a1111": "{name}.pt", "diffusers": "diffusers/{name}.safetensors",
+                "png": "{name}.png"}
 
 
-def save_files(folder, name: str, vectors, meta: dict, fmt: str) -> list[Path]:
+def save_files(folder, name: str, vectors, meta: dict, fmt: str, card=None) -> list[Path]:
     """Write a run folder's file(s) of one format; returns their paths.
 
     `vectors` [N, dim], or SDXL's {clip_l, clip_g}. For SDXL, safetensors is the one file every client reads
@@ -723,7 +759,7 @@ def save_files(folder, name: str, vectors, meta: dict, fmt: str) -> list[Path]:
     if isinstance(vectors, dict) and fmt == "diffusers":
         return [save_embedding(Path(folder) / "diffusers" / key / f"{name}.safetensors", v, name, meta, fmt)
                 for key, v in vectors.items()]
-    return [save_embedding(embedding_file(folder, name, fmt), vectors, name, meta, fmt)]
+    return [save_embedding(embedding_file(folder, name, fmt), vectors, name, meta, fmt, card)]
 
 
 def embedding_file(folder, name: str, fmt: str) -> Path:

@@ -699,8 +699,10 @@ class Trainer:
             optimizers.set_mode(st.optimizer, False)
             meta = self.metadata(st.update, st.batch, st.loss, st.val_loss)
             meta["status"] = st.status
-            for fmt in cfg.formats():
-                st.files += embedding.save_files(run_dir, cfg.name, self.token.saved(), meta, fmt)
+            previews = sorted((run_dir / "previews").glob(f"{cfg.name}-*.png"), key=lambda p: p.stat().st_mtime)
+            for fmt in cfg.formats():   # png: the card shows the last preview
+                st.files += embedding.save_files(run_dir, cfg.name, self.token.saved(), meta, fmt,
+                                                 card=previews[-1] if previews else None)
             if st.status == "stopped":
                 self._save_resume(run_dir, st.optimizer, st.update, st.batch)
             elif (run_dir / "resume.pt").exists() and st.status == "finished":

@@ -138,3 +138,28 @@ def test_report_to_tensorboard_writes_what_the_log_holds(tag_cfg, tmp_path):
     assert [p.step for p in previews] == [2, 4] and previews[0].width == 32
     with pytest.raises(ConfigError, match="report_to"):
         tag_cfg.replace(report_to="wandb").validate()
+
+
+def test_save_format_png_writes_an_a1111_embedding_card_of_the_last_preview(tag_cfg, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from embedtrain.embedding import load_embedding
+    run = tmp_path / "run"
+    result = Trainer(tag_cfg.replace(steps=2, preview_every=1, save_formats="safetensors,png")).run(run)
+    card = run / "zorblat.png"
+    assert card in result.files
+    emb, ref = load_embedding(card), load_embedding(run / "zorblat.safetensors")
+    assert emb.format == "a1111-png" and emb.name == "zorblat"
+    torch.testing.assert_close(emb.vectors, ref.vectors)
+    with Image.open(card) as a, Image.open(run / "previews" / "zorblat-2.png") as b:
+        assert "sd-ti-embedding" in a.text and np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+
+
+def test_an_sdxl_card_holds_both_halves(tmp_path):
+    from embedtrain.embedding import load_embedding, save_embedding
+    halves = {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 48)}
+    path = save_embedding(tmp_path / "xl.png", halves, "xl", {"updates": 3}, fmt="png")
+    emb = load_embedding(path)
+    torch.testing.assert_close(emb.vectors, halves["clip_l"])
+    torch.testing.assert_close(emb.vectors_g, halves["clip_g"])
