@@ -75,12 +75,15 @@ def test_original_keys_are_the_released_names():
                    "model.diffusion_model.middle_block.2.emb_layers.1.weight",
                    "model.diffusion_model.output_blocks.2.1.conv.weight",
                    "model.diffusion_model.output_blocks.5.2.conv.weight", "model.diffusion_model.out.2.bias",
-                   "first_stage_model.encoder.mid.attn_1.q.weight", "first_stage_model.decoder.up.3.upsample.conv.weight",
-                   "first_stage_model.decoder.up.1.block.0.nin_shortcut.weight", "first_stage_model.post_quant_conv.bias",
+                   "first_stage_model.encoder.mid.attn_1.q.weight",
+                   "first_stage_model.decoder.up.3.upsample.conv.weight",
+                   "first_stage_model.decoder.up.1.block.0.nin_shortcut.weight",
+                   "first_stage_model.post_quant_conv.bias",
                    "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight"],
         "SDXL": ["model.diffusion_model.label_emb.0.0.weight", "model.diffusion_model.label_emb.0.2.bias",
                  "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight",
-                 "model.diffusion_model.output_blocks.2.2.conv.weight", "model.diffusion_model.output_blocks.5.2.conv.weight",
+                 "model.diffusion_model.output_blocks.2.2.conv.weight",
+                 "model.diffusion_model.output_blocks.5.2.conv.weight",
                  "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight",
                  "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
                  "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight",
@@ -270,7 +273,8 @@ def test_bad_files_one_line(tmp_path, tiny):
     tiny_file = C.write_single_file(tiny["sd"], tmp_path / "tiny.safetensors")
     with pytest.raises(ModelError, match="non-standard SD model .*give --model-config"):
         C.load_single_file(tiny_file)
-    with pytest.raises(ModelError, match="lacks .* of model config .*demo_model") as e:   # another architecture's config (the demo model's)
+    # another architecture's config (the demo model's)
+    with pytest.raises(ModelError, match="lacks .* of model config .*demo_model") as e:
         C.load_single_file(tiny_file, str(ASSETS / "demo_model"))
     assert "\n" not in str(e.value)
     truncated = tmp_path / "truncated.safetensors"
@@ -279,6 +283,18 @@ def test_bad_files_one_line(tmp_path, tiny):
     write_tensors(truncated, sd)
     with pytest.raises(ModelError, match="lacks 'model.diffusion_model.out.2.weight'"):
         C.load_single_file(truncated, str(tiny["sd_dir"]))
+
+
+def test_truncated_or_reshaped_file(tiny, tmp_path):
+    path = C.write_single_file(tiny["sd"], tmp_path / "cut.safetensors")
+    path.write_bytes(path.read_bytes()[:-1000])   # an interrupted download: the header is whole, the data is not
+    with pytest.raises(ModelError, match="shorter than its header says") as e:
+        C.load_single_file(path, str(tiny["sd_dir"]))
+    assert "\n" not in str(e.value)
+    sd = C.original_state_dict(tiny["sd"])
+    sd[C.UNET + "input_blocks.0.0.weight"] = torch.zeros(3, 4, 3, 3)
+    with pytest.raises(ModelError, match=r"'model.diffusion_model.input_blocks.0.0.weight' has shape \[3, 4, 3, 3\]"):
+        C.load_single_file(write_tensors(tmp_path / "odd.safetensors", sd), str(tiny["sd_dir"]))
 
 
 def test_tokenizer_missing_names_what_to_get(tmp_path, monkeypatch):
@@ -322,6 +338,17 @@ def test_real_clip_tokenizer(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # Slow: the standard architectures at full size, random weights, no model config.
 
+def rss_gib(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS) or its peak so far (VmHWM), GiB; 0 where /proc is missing."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
 def random_full_size(arch: str, resolution: int, prediction: str):
     """A pipeline of a standard architecture with random fp16 weights (memory: 2 bytes a weight), built on the
     meta device and given storage, so that no fp32 copy and no slow init happen."""
@@ -333,7 +360,7 @@ def random_full_size(arch: str, resolution: int, prediction: str):
         module.to(torch.float16).to_empty(device="cpu")
         with torch.no_grad():
             for p in module.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(torch.float16) * 0.02)
+                p.normal_(0.0, 0.02, generator=gen)
     encoders = models["text_encoders"]
     return SimpleNamespace(unet=models["unet"], vae=models["vae"], text_encoder=encoders[0],
                            text_encoder_2=encoders[1] if len(encoders) > 1 else None)
@@ -359,6 +386,7 @@ def test_full_size_offline_no_config(tmp_path, monkeypatch, arch, name, want):
     path = C.write_single_file(pipe, tmp_path / name)
     kept = {(c, k): getattr(pipe, c).state_dict()[k].float().clone()
             for c, ks in SAMPLES.items() if getattr(pipe, c, None) is not None for k in ks}
+    written_rss = rss_gib("VmHWM")
     del pipe
     gc.collect()
     t1 = time.perf_counter()
@@ -368,7 +396,8 @@ def test_full_size_offline_no_config(tmp_path, monkeypatch, arch, name, want):
     tokenizer = None if real_vocab_available() else str(write_tokenizer(tmp_path / "tok"))
     loaded = C.load_single_file(path, tokenizer=tokenizer)
     t2 = time.perf_counter()
-    print(f"\n{arch}: build+write {t1 - t0:.1f} s, load {t2 - t1:.1f} s, file {path.stat().st_size / 2**30:.2f} GiB")
+    print(f"\n{arch}: build+write {t1 - t0:.1f} s (peak RSS {written_rss:.1f} GiB), load {t2 - t1:.1f} s, file "
+          f"{path.stat().st_size / 2**30:.2f} GiB, RSS after load {rss_gib():.1f} GiB, peak {rss_gib('VmHWM'):.1f} GiB")
     assert type(loaded).__name__ == ("StableDiffusionXLPipeline" if arch == "SDXL" else "StableDiffusionPipeline")
     assert loaded.scheduler.config.prediction_type == want["prediction"]
     assert loaded.unet.config.sample_size * loaded.vae_scale_factor == want["resolution"]
