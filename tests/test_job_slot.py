@@ -129,3 +129,24 @@ def test_a_second_stop_while_the_job_loads_does_not_kill_it(tmp_path, procs):
     while jobs.current() and job_alive(jobs.current()) and time.time() < deadline:   # (reaps it, too)
         time.sleep(0.05)
     assert not job_alive(jobs.current())
+
+
+def test_a_loading_job_shows_its_model_download_progress(tmp_path, procs):
+    """A hub model downloads before the first event: the status shows huggingface_hub's latest bar."""
+    from embedtrain.ui.jobs import JobManager, JobSlot
+    outputs = tmp_path / "outputs"
+    run = outputs / "hubrun"
+    run.mkdir(parents=True)
+    (run / "job.log").write_text("Fetching 17 files:   0%|          | 0/17 [00:00<?, ?it/s]\r"
+                                 "Fetching 17 files:  41%|####1     | 7/17 [00:12<00:17,  1.7s/it]\r")
+
+    def spawn():
+        procs.append(sleeper())
+        return procs[-1], {"name": "hubrun", "run_dir": str(run)}
+
+    JobSlot(outputs).start("train", spawn)
+    st = JobManager(outputs).status()
+    assert st.state == "running" and st.message.startswith("Downloading the model: Fetching 17 files:  41%")
+    with open(run / "job.log", "a") as fh:
+        fh.write("Fetching 17 files: 100%|##########| 17/17 [00:30<00:00]\nloading the pipeline\n")
+    assert JobManager(outputs).status().message == ""   # the download is over

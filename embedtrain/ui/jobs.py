@@ -318,6 +318,8 @@ class JobManager:
         if running:
             st.state = "running"
             st.stopping = (run / "STOP").exists()
+            if not st.weight_updates and not st.message:   # still loading: a hub download shows its progress
+                st.message = download_progress(run / "job.log")
         elif st.state == "running":  # the process is gone without its final event: it crashed
             st.state = "crashed"
             st.message = "the job ended without finishing (crashed or killed). Last output:\n" + \
@@ -443,6 +445,17 @@ def _has_started(run: Path) -> bool:
             return b'"start"' in fh.read(65536)
     except FileNotFoundError:
         return False
+
+
+def download_progress(log: Path) -> str:
+    """The latest download progress line a loading job printed (huggingface_hub's bars, each redrawn
+    with a carriage return), as "Downloading the model: ...", or "" when it downloads nothing."""
+    text = tail(log, 4096)
+    parts = [p.strip() for p in text.replace("\r", "\n").splitlines() if p.strip()]
+    bars = [p for p in parts if "%|" in p or p.startswith(("Fetching", "Downloading"))]
+    if not bars or bars[-1] != parts[-1]:   # nothing, or the download is over and something else followed
+        return ""
+    return "Downloading the model: " + bars[-1][:200]
 
 
 def tail(path: Path, n: int) -> str:
