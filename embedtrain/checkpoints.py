@@ -14,12 +14,17 @@ The layout is the one the original Stable Diffusion code saved and A1111, ComfyU
   (fused q/k/v split), and loaded into models built on the meta device (no random init, no second copy).
 - `write_single_file(pipe, path)` writes a pipeline back in the original layout (tests, benchmarks).
 
-Why the text encoders are not left to diffusers' from_single_file: with transformers 5 (CLIPTextModel no
-longer wraps a `text_model`), diffusers 0.42 builds the encoder under accelerate's init_empty_weights and
-fills it with load_model_dict_into_meta, which leaves the `position_ids` buffer on the meta device as soon
-as the file carries `...embeddings.position_ids` (as released SD 1.x files do): "Cannot copy out of meta
-tensor; no data!". Here the encoders are filled from the checkpoint's keys directly and `position_ids` is
-always rebuilt (some merged files carry broken float ones).
+Why the text encoders are not left to diffusers' from_single_file (0.42.1 with transformers 5.25): it builds
+the encoder under accelerate's init_empty_weights and fills it with load_model_dict_into_meta, which never
+checks for missing names. Every encoder weight whose converted name does not match the model's stays on the
+meta device, silently; the first `.to(device)` then fails with "Cannot copy out of meta tensor; no data!"
+(a forward pass: "Tensor on device meta is not on the expected device"). Released-style SD 1.x keys
+(`...transformer.text_model.*` with `position_ids`) do convert with a local `config=` folder; a file whose
+encoder keys lack `text_model.` (what diffusers' own convert script writes under transformers 5, whose
+CLIPTextModel no longer wraps a `text_model`) is refused as "weights missing", and any partial match ends in
+the meta error. Here the encoders are filled from the checkpoint's keys directly, every weight is required
+(a missing one is a one-line error naming it), and `position_ids` is always rebuilt (some merged files carry
+broken float ones).
 
 SD 2.x v-prediction cannot be told from the keys. The rule, first match wins: the `prediction` argument;
 the file's `modelspec.prediction_type` metadata; A1111's sidecar `<name>.yaml` (`parameterization: "v"`
