@@ -127,6 +127,15 @@ def form(ctx, **changes):
     return values
 
 
+def test_the_encoders_box_is_fixed_at_both_on_sd_models(xl_folder, tmp_path):
+    from embedtrain.ui.train_tab import encoders_box
+    for model in ("tiny", "demo"):
+        assert {k: encoders_box(model)[k] for k in ("value", "interactive")} == {"value": "both", "interactive": False}
+    for model in (str(xl_folder), "tiny-xl", str(tmp_path / "some.safetensors"), "someorg/notcached"):
+        box = encoders_box(model)   # SDXL, or only a load can tell: open
+        assert box["interactive"] is True and "value" not in box
+
+
 def test_the_form_carries_the_sdxl_fields_and_checks_them_beside_the_start_row(ctx, files):
     import shutil
 
@@ -206,6 +215,10 @@ def test_browser_trains_an_sdxl_folder_from_the_page(tmp_path, xl_folder):
         progress, message = _text(page, "#progress"), _text(page, "#train-message")
         assert "Finished: xlstar" in progress and "Error" not in progress + message, (progress, message)
         expect(page.locator("#run-files")).to_contain_text("xlstar")
+        page.locator("#train-model textarea").fill("tiny")   # SD: one text encoder, so 'both' and fixed
+        page.locator("#train-model textarea").press("Tab")
+        expect(page.get_by_label("Text encoders trained (SDXL)")).to_be_disabled()
+        expect(page.get_by_label("Text encoders trained (SDXL)")).to_have_value("both")
     run = next(p for p in outputs.iterdir() if p.name.startswith("xlstar-"))
     config = json.loads((run / "config.json").read_text())
     assert (config["init_embedding"], config["train_encoders"]) == (str(start / "xlstart.safetensors"), "clip_l")

@@ -89,6 +89,19 @@ def vectors_box(path) -> dict:
     return gr.update(interactive=True, info=INFO["vectors"])
 
 
+def encoders_box(model) -> dict:
+    """The encoders dropdown for a typed model: fixed at 'both' on a model its configs say is SD 1.x/2.x (one
+    text encoder); open on SDXL and wherever only a load can tell (a single file: the job checks it)."""
+    from embedtrain.preflight import model_kind
+    try:
+        kind = model_kind(str(model or ""))
+    except (EmbedtrainError, OSError, ValueError):
+        kind = None
+    if kind is not None and kind.family == "SD":
+        return gr.update(value="both", interactive=False, info=f"{kind.label} has one text encoder: both")
+    return gr.update(interactive=True, info=INFO["train_encoders"])
+
+
 def derived_text(ctx, values: dict) -> str:
     """One line of the calculator's numbers for the form's settings, or the error that stops them."""
     from embedtrain.calculator import CalcError, derive, split_counts
@@ -435,7 +448,7 @@ def build(ctx) -> None:
 
 def _model_and_data(cfg, c: dict, ui: dict) -> None:
     with gr.Row():
-        c["model"] = gr.Textbox(cfg.model, label="Model", scale=4,
+        c["model"] = gr.Textbox(cfg.model, label="Model", scale=4, elem_id="train-model",
                                 info="'demo' (built in), a diffusers folder, a .safetensors/.ckpt file, or a "
                                      "Hugging Face hub id (org/name: downloaded once, then read from the cache)")
         ui["load_btn"] = gr.Button("Load", scale=1, size="sm")
@@ -459,9 +472,10 @@ def _model_and_data(cfg, c: dict, ui: dict) -> None:
         c["init_embedding"] = gr.Textbox(cfg.init_embedding, label="Start from embedding", scale=3,
                                          placeholder="empty: start from the initialization text",
                                          info=INFO["init_embedding"], elem_id="init-embedding")
+        box = encoders_box(cfg.model)   # fixed at 'both' while the model is SD 1.x/2.x
         c["train_encoders"] = gr.Dropdown(list(TRAIN_ENCODERS), value=cfg.train_encoders,
-                                          label="Text encoders trained (SDXL)", info=INFO["train_encoders"],
-                                          elem_id="train-encoders", scale=2)
+                                          label="Text encoders trained (SDXL)", info=box["info"],
+                                          interactive=box["interactive"], elem_id="train-encoders", scale=2)
     ui["check_init"] = gr.Markdown("", elem_id="check-init")
 
 
@@ -599,6 +613,7 @@ def _wire_checks(ctx, c: dict, ui: dict) -> None:
                      show_progress="hidden", api_name="dataset_view", api_visibility="private")
     c["init_embedding"].change(vectors_box, c["init_embedding"], c["vectors"], show_progress="hidden",
                                api_visibility="private")
+    c["model"].change(encoders_box, c["model"], c["train_encoders"], show_progress="hidden", api_visibility="private")
 
     def load_model(source):
         from embedtrain import models
