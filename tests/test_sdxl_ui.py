@@ -222,6 +222,8 @@ def test_browser_trains_an_sdxl_folder_from_the_page(tmp_path, xl_folder):
     run = next(p for p in outputs.iterdir() if p.name.startswith("xlstar-"))
     config = json.loads((run / "config.json").read_text())
     assert (config["init_embedding"], config["train_encoders"]) == (str(start / "xlstart.safetensors"), "clip_l")
+    # the form's resolution 0 is the model's own: 32 px for the tiny SDXL
+    assert json.loads((run / "job.json").read_text())["resolution"] == 0 and config["resolution"] == 32
     emb = load_embedding(run / "xlstar.safetensors")
     assert tuple(emb.vectors.shape) == (2, L) and tuple(emb.vectors_g.shape) == (2, G)
     assert not torch.equal(emb.vectors, xl_start["clip_l"])          # trained
