@@ -560,6 +560,19 @@ def _hub_vocab() -> tuple[Path, Path] | None:
     return None
 
 
+def _download_vocab() -> tuple[Path, Path] | None:
+    """vocab.json + merges.txt of OpenAI's CLIP ViT-L/14 fetched into the Hugging Face cache, when the hub can be
+    reached and HF_HUB_OFFLINE is not set (two small files, once); None otherwise."""
+    try:
+        from huggingface_hub import constants, hf_hub_download
+        if constants.HF_HUB_OFFLINE:
+            return None
+        repo, sub = CLIP_VOCAB_REPOS[0]
+        return tuple(Path(hf_hub_download(repo, sub + name)) for name in ("vocab.json", "merges.txt"))
+    except Exception:   # noqa: BLE001  offline, a proxy, a gated mirror: the caller's error says what to do
+        return None
+
+
 def _bpe_file() -> Path | None:
     """CLIP's BPE merges file shipped inside an installed package (found without importing the package)."""
     import importlib.util
@@ -605,6 +618,8 @@ def clip_tokenizer_folder(pad: str = "<|endoftext|>") -> Path:
         return folder
     hub = _hub_vocab()
     bpe = None if hub else _bpe_file()
+    if not hub and not bpe:
+        hub = _download_vocab()
     if not hub and not bpe:
         raise ModelError("no CLIP tokenizer vocabulary on this machine (a single-file checkpoint has none): install "
                          "it once with `pip install --no-deps open-clip-torch` (it ships CLIP's BPE file), or "

@@ -12,13 +12,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedtrain import ASSETS, EmbedtrainError, shown
+from embedtrain import ASSETS, shown
 
 DEMO_MODEL = ASSETS / "demo_model"
 
 
-class ModelError(EmbedtrainError):
-    """A model cannot be loaded; the message says which and why."""
+from embedtrain.checkpoints import ModelError  # noqa: E402  (one class: checkpoints.py raises it too)
 
 
 @dataclass
@@ -120,6 +119,12 @@ def native_resolution(source: str) -> int | None:
     when it cannot be told without loading the model."""
     import json
     folder = DEMO_MODEL if source == "demo" else Path(source or "")
+    if _is(folder, "file"):   # a single-file checkpoint: its architecture from the header (0 for odd sizes)
+        from embedtrain.checkpoints import detect
+        try:
+            return detect(folder).get("resolution") or None
+        except ModelError:
+            return None   # the load says what is wrong with it
     files = [folder / "unet" / "config.json", folder / "vae" / "config.json"]
     if not _is(folder, "dir") and is_hub_id(source):   # a hub model's configs, when the cache holds them
         from huggingface_hub import try_to_load_from_cache
@@ -184,7 +189,6 @@ def load_pipeline(source: str, model_config: str = ""):
 
     source: "demo", "tiny", a diffusers folder, a .safetensors/.ckpt checkpoint, or a hub id (org/name)."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
     source = (source or "").strip()
     if source == "tiny-xl":
@@ -210,16 +214,9 @@ def load_pipeline(source: str, model_config: str = ""):
         path = Path(source)
         if path.suffix.lower() not in (".safetensors", ".ckpt"):
             raise ModelError(f"model file {path} must be a .safetensors or .ckpt checkpoint")
-        kwargs = dict(torch_dtype=torch.float32, local_files_only=True, safety_checker=None,
-                      requires_safety_checker=False)
-        if model_config:
-            kwargs["config"] = model_config
-        try:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-        except Exception as e:  # diffusers raises many types here; all mean "cannot load this file"
-            hint = "" if model_config else (" Offline, single files need --model-config: a local diffusers folder "
-                                             "of the same architecture (its configs and tokenizer are used).")
-            raise ModelError(f"cannot load checkpoint {path}: {str(e).splitlines()[0][:300]}.{hint}") from None
+        from embedtrain.checkpoints import load_single_file
+        # the architecture from the keys, its configs built in (checkpoints.py); --model-config for others
+        pipe = load_single_file(path, model_config)
         info = _info(pipe, source, path.stem, short_hash(path))
     elif is_hub_id(source):
         pipe = _from_hub(source, torch.float32)

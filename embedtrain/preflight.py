@@ -104,8 +104,9 @@ class ModelKind:
 def model_kind(source: str) -> ModelKind | None:
     """The family and token widths of a model source, from model_index.json and the text encoders' configs
     (the rule of models.folder_pipeline_class: an SDXL pipeline class or a text_encoder_2 folder), without
-    importing diffusers or torch. None when only loading it would tell (a single-file checkpoint, a hub
-    model that is not cached, a folder without readable configs)."""
+    importing diffusers or torch; a single-file checkpoint's from its header (checkpoints.detect). None when only
+    loading it would tell (a hub model that is not cached, a folder without readable configs, a file that is
+    not a model)."""
     from embedtrain.models import DEMO_MODEL, PIPELINES, _is, is_hub_id
     source = (source or "").strip()
     if source in ("tiny", "tiny-xl") or (source == "demo" and not (DEMO_MODEL / "model_index.json").is_file()):
@@ -117,6 +118,13 @@ def model_kind(source: str) -> ModelKind | None:
     if source == "demo" or _is(folder, "dir"):
         read = lambda part: folder / part   # noqa: E731
         name = "demo" if source == "demo" else folder.name
+    elif _is(folder, "file") and folder.suffix.lower() in (".safetensors", ".ckpt"):
+        from embedtrain.checkpoints import ModelError, detect   # the header's keys and shapes, no weights
+        try:
+            found = detect(folder)
+        except ModelError:
+            return None   # not a model (a LoRA, an embedding): the job's load says so in one line
+        return ModelKind(folder.stem, found["family"], tuple(found["token_dims"]))
     elif is_hub_id(source):
         from huggingface_hub import try_to_load_from_cache
 

@@ -404,3 +404,16 @@ def test_full_size_offline_no_config(tmp_path, monkeypatch, arch, name, want):
     for (c, k), v in kept.items():
         assert torch.equal(getattr(loaded, c).state_dict()[k], v), (c, k)
     assert loaded.text_encoder.config.hidden_size == (1024 if arch == "SD 2.x" else 768)
+    # and it trains: one weight update of the full-size architecture (at 64 px, to stay a few seconds on a CPU)
+    from conftest import make_images
+    from embedtrain.config import TrainConfig
+    from embedtrain.models import _info
+    from embedtrain.trainer import Trainer
+    cfg = TrainConfig(model=str(path), data=str(make_images(tmp_path / "data", 2, size=64)), name="fullsizetok",
+                      init_text="a", resolution=64, steps=1, batch_size=1, out=str(tmp_path))
+    trainer = Trainer(cfg, pipe=loaded, info=_info(loaded, str(path), path.stem), log=lambda *a: None)
+    start = trainer.token.vectors.detach().clone()
+    result = trainer.run(tmp_path / "run")
+    assert result.status == "finished" and result.updates == 1
+    assert not torch.equal(trainer.token.vectors.detach(), start)
+    print(f"  one update at 64 px: {time.perf_counter() - t2:.1f} s, peak RSS {rss_gib('VmHWM'):.1f} GiB")

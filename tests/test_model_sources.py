@@ -65,3 +65,43 @@ def test_an_sdxl_hub_id_loads_from_the_cache_as_sdxl(tmp_path, monkeypatch):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "StableDiffusionXLPipeline tiny-sdxl: tiny SDXL, token dims 32 + 48, 32 px" in r.stdout
     assert "native 32" in r.stdout   # read from the cached configs: the data is checked before the model loads
+
+
+def test_single_file_checkpoints_train_offline(tmp_path):
+    """A checkpoint in the original (A1111) layout, SD and SDXL: the demo model needs --model-config (its size is
+    not a standard one), a tiny SDXL file too; both train from the command line with no network."""
+    from embedtrain.checkpoints import write_single_file
+    from embedtrain.demo.model import build_sdxl_pipeline
+    from embedtrain.models import load_pipeline
+    demo, _ = load_pipeline("demo")
+    write_single_file(demo, tmp_path / "demo.safetensors")
+    xl = build_sdxl_pipeline("tiny")
+    xl.save_pretrained(tmp_path / "xl-config")
+    write_single_file(xl, tmp_path / "xl.safetensors")
+    home = tmp_path / "hf"
+    for ckpt, config, name, res in (("demo.safetensors", ROOT / "assets" / "demo_model", "demostar", "64"),
+                                    ("xl.safetensors", tmp_path / "xl-config", "xlstar", "32")):
+        r = run(["-m", "embedtrain", "train", "--model", str(tmp_path / ckpt), "--model-config", str(config),
+                 "--data", str(ROOT / "assets" / "demo_dataset"), "--name", name, "--init-text", "star",
+                 "--resolution", res, "--steps", "2", "--run-name", name, "--out", str(tmp_path / "out")], home,
+                tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (tmp_path / "out" / name / f"{name}.safetensors").is_file()
+    assert "tiny SDXL, token dims 32 + 48" in r.stdout and "hash " in r.stdout
+
+
+def test_preflight_reads_a_single_files_family_from_its_header(tmp_path):
+    import torch
+
+    from embedtrain.checkpoints import write_single_file
+    from embedtrain.config import TrainConfig
+    from embedtrain.demo.model import build_sdxl_pipeline
+    from embedtrain.embedding import save_embedding
+    from embedtrain.preflight import check_run, model_kind
+    ckpt = write_single_file(build_sdxl_pipeline("tiny"), tmp_path / "xl.safetensors")
+    kind = model_kind(str(ckpt))
+    assert (kind.family, kind.dims) == ("SDXL", (32, 48))
+    sd = save_embedding(tmp_path / "sdemb.safetensors", torch.randn(1, 32), "sdemb")
+    problems = check_run(TrainConfig(model=str(ckpt), data=str(ROOT / "assets" / "demo_dataset"), name="xlstar",
+                                     init_embedding=str(sd)))
+    assert any(p.field == "init_embedding" and "SDXL" in str(p) for p in problems), problems

@@ -291,7 +291,8 @@ class JobManager:
         if self.allowed_folder is None:
             return
         for path, what, field_ in ((cfg.data, "data folder", "data"), (cfg.val_data, "validation folder", "val_data"),
-                                   (cfg.template, "template file", "template")):
+                                   (cfg.template, "template file", "template"),
+                                   (cfg.init_embedding, "init_embedding file", "init_embedding")):
             if path and not (field_ == "template" and path in TEMPLATES):
                 self.allowed_folder(path, what, field_)
 
