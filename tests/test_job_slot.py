@@ -150,3 +150,49 @@ def test_a_loading_job_shows_its_model_download_progress(tmp_path, procs):
     with open(run / "job.log", "a") as fh:
         fh.write("Fetching 17 files: 100%|##########| 17/17 [00:30<00:00]\nloading the pipeline\n")
     assert JobManager(outputs).status().message == ""   # the download is over
+
+
+@pytest.mark.slow
+def test_queued_runs_start_one_after_another_and_survive_a_new_manager(tmp_path, images):
+    from embedtrain.config import TrainConfig, apply_preset
+    from embedtrain.ui.jobs import JobError, JobManager
+    outputs = tmp_path / "outputs"
+    base = apply_preset(TrainConfig(model="tiny", data=str(images), name="zorblat", init_text="circle", steps=3,
+                                    batch_size=2, template="object"), {"steps", "batch_size", "init_text", "template"})
+    jobs = JobManager(outputs)
+    first = jobs.enqueue(base.replace(run_name="q1"))
+    jobs.enqueue(base.replace(run_name="q2", seed=1))
+    with pytest.raises(JobError, match="q1 is already queued"):
+        jobs.enqueue(base.replace(run_name="q1"))
+    with pytest.raises(JobError, match="batch_size"):
+        jobs.enqueue(base.replace(run_name="q3", batch_size=99))   # more than the 8 images: refused now, not later
+    assert [q["run_name"] for q in JobManager(outputs).queued()] == ["q1", "q2"]   # on disk: a restart keeps it
+    assert jobs.advance() == "started queued run q1"
+    assert jobs.advance() == ""          # one job at a time: q2 waits
+    assert [q["run_name"] for q in jobs.queued()] == ["q2"] and not jobs.dequeue(first["id"])
+    jobs.wait(120)
+    later = JobManager(outputs)          # as if the server had restarted
+    assert later.advance() == "started queued run q2"
+    later.wait(120)
+    assert later.queued() == []
+    for name in ("q1", "q2"):
+        assert later.status(str(outputs / name)).state == "finished"
+
+
+def test_a_queued_run_that_can_no_longer_start_leaves_the_queue_with_the_reason(tmp_path):
+    import shutil
+
+    from conftest import make_images
+    from embedtrain.config import TrainConfig
+    from embedtrain.ui.jobs import JobManager
+    data = make_images(tmp_path / "data", 4)
+    jobs = JobManager(tmp_path / "outputs")
+    keep = jobs.enqueue(TrainConfig(model="tiny", data=str(data), name="zorblat", init_text="circle", steps=2,
+                                    resolution=32, run_name="gone"))
+    jobs.enqueue(TrainConfig(model="tiny", data=str(data), name="zorblat", init_text="circle", steps=2,
+                             resolution=32, run_name="later"))
+    assert jobs.dequeue(jobs.queued()[1]["id"]) and [q["id"] for q in jobs.queued()] == [keep["id"]]
+    shutil.rmtree(data)
+    said = jobs.advance()
+    assert said.startswith("queued run zorblat could not start and left the queue: ") and "data" in said, said
+    assert jobs.queued() == [] and not (tmp_path / "outputs" / "gone").exists()

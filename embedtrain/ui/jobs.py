@@ -163,6 +163,26 @@ class JobSlot:
         return True
 
 
+QUEUE_FILE = ".queue.json"
+
+
+def run_queue(manager: "JobManager", every_s: float = 2.0, log=None):
+    """A daemon thread that starts queued runs as jobs end, whether or not a page is open. Returns the thread."""
+    def loop():
+        while True:
+            try:
+                said = manager.advance()
+                if said and log:
+                    log(said)
+            except Exception as e:   # noqa: BLE001  a broken queue file must not end the server's loop
+                if log:
+                    log(f"queue: {e}")
+            time.sleep(every_s)
+    thread = threading.Thread(target=loop, name="embedtrain-queue", daemon=True)
+    thread.start()
+    return thread
+
+
 # What Stop says for each kind: (first press: a STOP file was written; second press: the process was signalled).
 STOP_WORDS = {"train": ("stopping {name}: it finishes the current update and saves", "stop asked again: signalled {name}"),
               "lr": ("stopping: the current update finishes, then the curve so far is read",
@@ -299,6 +319,84 @@ class JobManager:
     def stop(self) -> str:
         """Ask the running job to finish its update, save and exit (a STOP file); a second stop signals it."""
         return self.job.stop()
+
+    # ------------------------------------------------------------ the queue
+    # Runs waiting for their turn, in outputs/.queue.json: one starts when no job of any kind runs. The file
+    # is the queue, so queued runs survive a server restart; any server on the folder (its poll or the
+    # queue thread) starts the next one.
+    def queued(self) -> list[dict]:
+        """The waiting runs, oldest first: {id, name, run_name, added, config}."""
+        try:
+            items = json.loads((self.outputs / QUEUE_FILE).read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return []
+        return [q for q in items if isinstance(q, dict) and isinstance(q.get("config"), dict)] \
+            if isinstance(items, list) else []
+
+    def _write_queue(self, items: list[dict]) -> None:
+        atomic_write_text(self.outputs / QUEUE_FILE, json.dumps(items, indent=1))
+
+    def enqueue(self, cfg: TrainConfig) -> dict:
+        """Add a run to the queue, checked now as a start would check it (a run that could not start is refused
+        here, not found out later); its run folder is named when it starts unless run_name is set."""
+        cfg = cfg.replace(out=str(self.outputs)).validate()
+        self.check_readable(cfg)
+        from embedtrain.preflight import check_run
+        problems = check_run(cfg)
+        if problems:
+            raise JobError("; ".join(str(p) for p in problems))
+        import uuid
+        with self._queue_lock():
+            items = self.queued()
+            names = {q.get("run_name") for q in items if q.get("run_name")}
+            if cfg.run_name and (cfg.run_name in names or (self.outputs / cfg.run_name).exists()):
+                raise JobError(f"run_name: {cfg.run_name} is already queued or exists; choose another run name")
+            item = {"id": uuid.uuid4().hex[:12], "name": cfg.name, "run_name": cfg.run_name, "added": time.time(),
+                    "config": cfg.to_dict()}
+            self._write_queue(items + [item])
+        return item
+
+    def dequeue(self, item_id: str) -> bool:
+        """Remove a waiting run; False when it is not in the queue (it started meanwhile, or never was)."""
+        with self._queue_lock():
+            items = self.queued()
+            kept = [q for q in items if q.get("id") != item_id]
+            self._write_queue(kept)
+        return len(kept) < len(items)
+
+    def advance(self) -> str:
+        """Start the next queued run if no job of any kind runs; returns what happened ("" when nothing did).
+        A queued run that can no longer start (its data folder gone, say) is dropped with the reason."""
+        if self.slot.running():
+            return ""
+        with self._queue_lock():
+            items = self.queued()
+            if not items:
+                return ""
+            item, rest = items[0], items[1:]
+            try:
+                run_dir = self.start(TrainConfig.from_dict(item["config"]))
+            except JobError as e:
+                if "already running" in str(e):
+                    return ""   # another job started first: the run keeps its place
+                self._write_queue(rest)
+                return f"queued run {item.get('name')} could not start and left the queue: {e}"
+            except EmbedtrainError as e:
+                self._write_queue(rest)
+                return f"queued run {item.get('name')} could not start and left the queue: {e}"
+            self._write_queue(rest)
+        return f"started queued run {run_dir.name}"
+
+    def _queue_lock(self):
+        import contextlib
+        import fcntl
+
+        @contextlib.contextmanager
+        def held():
+            with open(self.outputs / ".queue.lock", "a+") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                yield
+        return held()
 
     def wait(self, timeout: float = 60.0) -> None:
         job = self.current()
