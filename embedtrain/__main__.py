@@ -18,6 +18,7 @@ COMMANDS = {
     "grid": ("embedtrain.grid", "seed-locked comparison grid of several embeddings"),
     "study": ("embedtrain.study", "the steps-vs-gradient-accumulation study: four runs and their grids"),
     "score": ("embedtrain.demo.score", "fidelity and editability of an embedding on the demo model"),
+    "prepare": ("embedtrain.prepare", "resize, crop, flip and split a folder of images into a new folder"),
 }
 
 GUIDE = "docs/guide.md"
