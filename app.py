@@ -1,11 +1,12 @@
 """embedtrain's web UI. `python app.py` opens it on the built-in demo model and demo dataset.
 
 Flags: --host (default 127.0.0.1), --port, --auth user:pass or a file of user:pass lines, --model,
---data, --outputs, --allow-dir (another folder the page may read), --share (a public Gradio link),
---insecure (allow a non-local --host or --share without --auth). Only the outputs folder and the
-bundled assets are served; the page reads folders only inside those, the --data folder and each
---allow-dir. Training runs in its own process (embedtrain.ui.jobs), so closing the page or restarting
-the server never stops a job.
+--data, --outputs, --allow-dir (another folder the page may read), --models-dir (an A1111 or ComfyUI
+install, or a folder of checkpoints: its models fill the model dropdowns, its embeddings the Grid tab's
+choices), --share (a public Gradio link), --insecure (allow a non-local --host or --share without --auth).
+Only the outputs folder and the bundled assets are served; the page reads folders only inside those, the
+--data folder, each --allow-dir and each --models-dir. Training runs in its own process
+(embedtrain.ui.jobs), so closing the page or restarting the server never stops a job.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-dir", action="append", default=[], metavar="FOLDER",
                    help="another folder whose datasets the page may read (repeat for more); besides it, the "
                         "page reads only the outputs folder, the bundled assets and --data")
+    p.add_argument("--models-dir", action="append", default=[], metavar="FOLDER",
+                   help="an AUTOMATIC1111 or ComfyUI install (or its models folder, or a folder of .safetensors/"
+                        ".ckpt checkpoints and diffusers folders); repeat for more. Its checkpoints fill the model "
+                        "dropdowns (architecture read from each file's header), its embeddings folder the Grid "
+                        "tab's choices; the page may read it")
     p.add_argument("--outputs", default=str(ROOT / "outputs"), help="where runs, grids and sweeps are written")
     return p
 
@@ -83,7 +89,13 @@ def main(argv=None) -> int:
     from embedtrain.ui.app import CSS, build_app
     from embedtrain.ui.context import UIContext
 
-    ctx = UIContext(outputs=Path(args.outputs), model=args.model, data=args.data, allow=args.allow_dir)
+    for folder in args.models_dir:
+        if not Path(folder).expanduser().is_dir():
+            print(f"--models-dir {folder} is not a folder: give an AUTOMATIC1111 or ComfyUI install, or a folder of "
+                  "checkpoints", file=sys.stderr)
+            return 2
+    ctx = UIContext(outputs=Path(args.outputs), model=args.model, data=args.data, allow=args.allow_dir,
+                    models_dirs=args.models_dir)
     demo = build_app(ctx)
     demo.queue(default_concurrency_limit=4)
     # share is always passed: left out, Gradio opens a public link by itself in Colab, Kaggle or with

@@ -385,8 +385,14 @@ def test_api_names_its_endpoints_parameters_and_outputs(tmp_path):
                           "/grid_embeddings", "/grid_use_settings"}, sorted(named)
     assert not info.get("unnamed_endpoints")
     assert [p["parameter_name"] for p in named["/train"]["parameters"]] == FIELDS
-    # SDXL's fields reach /train too, last (callers passing the older ones by position keep working)
-    assert FIELDS[-2:] == ["init_embedding", "train_encoders"] and "resolution" in FIELDS
+    # SDXL's fields, then the recipe's, reach /train too, last (callers passing the older ones by position keep
+    # working)
+    assert FIELDS[-10:] == ["init_embedding", "train_encoders", "shuffle_tags", "keep_tokens", "tag_dropout",
+                            "caption_dropout", "noise_offset", "min_snr_gamma", "report_to", "save_formats"]
+    assert FIELDS.index("train_encoders") == 38 and "resolution" in FIELDS
+    train = {p["parameter_name"]: p for p in named["/train"]["parameters"]}
+    assert train["save_formats"]["parameter_default"] == ["safetensors"]
+    assert train["report_to"]["parameter_default"] == "none" and train["keep_tokens"]["parameter_default"] == 0
     for name, ep in named.items():
         params = [p["parameter_name"] for p in ep["parameters"]]
         labels = [r["label"] for r in ep["returns"]]
@@ -408,3 +414,25 @@ def test_every_schedule_field_reaches_the_run_from_the_form(ctx):
                                              lr_cycle_decay="3,2,1.5", lr_decay_factor=0.5))
     assert not desc.startswith("Error"), desc
     assert stepped["lr"].iloc[-8:].max() < stepped["lr"].max()
+
+
+def test_recipe_fields_reach_the_config_and_the_checks(ctx):
+    """The Captions, loss and outputs accordion: the checkboxes' list and the API's text both give save_formats
+    as the config's comma list, 'none' is no report; a bad value is named by the form checks."""
+    from embedtrain.config import TrainConfig
+    from embedtrain.ui.train_tab import FIELDS, form_checks, form_config, form_values
+    values = form(ctx, shuffle_tags=True, keep_tokens=1, tag_dropout=0.1, caption_dropout=0.05, noise_offset=0.05,
+                  min_snr_gamma=5, report_to="tensorboard", save_formats=["safetensors", "png"])
+    cfg = form_config(ctx, values)
+    assert (cfg.shuffle_tags, cfg.keep_tokens, cfg.tag_dropout, cfg.caption_dropout, cfg.noise_offset,
+            cfg.min_snr_gamma, cfg.report_to, cfg.save_formats) == (True, 1, 0.1, 0.05, 0.05, 5.0, "tensorboard",
+                                                                    "safetensors,png")
+    shown = dict(zip(FIELDS, form_values(cfg)))
+    assert shown["save_formats"] == ["safetensors", "png"] and shown["report_to"] == "tensorboard"
+    assert dict(zip(FIELDS, form_values(TrainConfig(name="x", data="d"))))["report_to"] == "none"
+    assert form_config(ctx, form(ctx, save_formats="a1111, png", report_to="none")).save_formats == "a1111, png"
+    assert form_config(ctx, form(ctx, report_to="none")).report_to == ""
+    for bad, field in ((dict(tag_dropout=1.5), "tag_dropout"), (dict(save_formats=[]), "save_formats"),
+                       (dict(min_snr_gamma=-1), "min_snr_gamma"), (dict(keep_tokens=-2), "keep_tokens")):
+        slots, names = form_checks(ctx, form(ctx, **bad), {})
+        assert names == [field], (bad, slots)

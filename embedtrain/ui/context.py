@@ -64,6 +64,8 @@ class UIContext:
     data: str = str(DEMO_DATASET)  # default dataset folder of the Train tab (the web UI may read it)
     jobs: JobManager | None = None
     allow: list = field(default_factory=list)   # more folders the web UI may read (app.py --allow-dir)
+    models_dirs: list = field(default_factory=list)   # A1111 / ComfyUI installs or checkpoint folders (--models-dir):
+    # their models fill the model dropdowns, their embeddings the Grid tab; the web UI may read them
     # The Train tab's inputs, keyed by TrainConfig field name (batch_size, grad_accum, steps, step_unit,
     # lr, lr_schedule, lr_min, lr_step_size, ...). Tabs built after it use these as outputs of their
     # "Use these settings" buttons. Filled by embedtrain.ui.train_tab.build.
@@ -82,9 +84,9 @@ class UIContext:
     # ------------------------------------------------------------ what the web UI may read
     def allowed_roots(self) -> list[Path]:
         """The folders (and everything under them) the web UI may read: the outputs folder, the bundled
-        assets, the default dataset folder (app.py --data) and every --allow-dir."""
+        assets, the default dataset folder (app.py --data), every --allow-dir and every --models-dir."""
         roots = [self.outputs, ASSETS] + ([Path(self.data)] if str(self.data or "").strip() else []) \
-            + [Path(a) for a in self.allow if str(a).strip()]
+            + [Path(a) for a in [*self.allow, *self.models_dirs] if str(a).strip()]
         out: list[Path] = []
         for r in (Path(os.path.abspath(Path(r).expanduser())) for r in roots):
             if r not in out:
@@ -108,6 +110,34 @@ class UIContext:
                           if not any(o != r and _inside(str(r), str(o)) for o in roots))
         raise NotAllowed(f"{what} {display_name(raw)!r} is not one the web UI may read: it reads only inside "
                          f"{shown}. To allow another folder, start the app with {ALLOW_FLAG} FOLDER", field)
+
+    def model_library(self):
+        """library.scan of the --models-dir folders (None without any). A .ckpt is not opened here (that needs
+        torch, which the server does not import to serve a page): it is read on a background thread, and the
+        next call (a page load) gets its architecture from the library's cache."""
+        if not self.models_dirs:
+            return None
+        from embedtrain import library
+        lib = library.scan(self.models_dirs, read_ckpt=False)
+        if any(not m.arch for m in lib.models) and not getattr(self, "_reading_ckpt", False):
+            import threading
+            self._reading_ckpt = True
+
+            def read():
+                try:
+                    library.scan(self.models_dirs, read_ckpt=True)
+                finally:
+                    self._reading_ckpt = False
+            threading.Thread(target=read, daemon=True, name="models-dir-ckpt").start()
+        return lib
+
+    def model_choices(self, lib=None) -> list:
+        """The model dropdowns' choices: 'demo', the default model (when it is another), and each model found in
+        the --models-dir folders as (label, path)."""
+        lib = lib if lib is not None else self.model_library()
+        found = lib.choices() if lib is not None else []
+        first = ["demo"] + ([self.model] if self.model not in ("demo", *(v for _, v in found)) else [])
+        return [(c, c) for c in first] + found
 
     def servable(self, paths) -> list[str]:
         """servable_files inside the outputs folder: for every list of files the UI returns to a page."""

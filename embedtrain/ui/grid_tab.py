@@ -3,8 +3,9 @@
 The page never renders itself: Render starts `python -m embedtrain grid ... --progress json` (Study:
 `python -m embedtrain study ...`) in its own process and follows its JSON lines, so torch is never
 imported by the web server and a crash cannot take the page down. Only files inside the outputs folder
-are offered, read or written. The pure helpers (embedding_choices, grid_command, study_command,
-settings_of) are tested without a browser.
+are offered, read or written (with --models-dir, the files of its embeddings folders are offered and read
+too). The pure helpers (embedding_choices, grid_command, study_command, settings_of) are tested without a
+browser.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ BASELINES = ["none", "init text", "no embedding", "this text"]
 # The Train tab inputs "Use these settings" fills from a run's config.json (those that exist are used).
 SEND = ("model", "data", "name", "init_text", "vectors", "batch_size", "grad_accum", "steps", "step_unit", "lr",
         "lr_schedule", "lr_min", "lr_step_size", "lr_step_size_epochs", "lr_cycles", "lr_cycle_start",
-        "optimizer", "seed", "resolution", "val_split")
+        "optimizer", "seed", "resolution", "val_split", "shuffle_tags", "keep_tokens", "tag_dropout", "caption_dropout",
+        "noise_offset", "min_snr_gamma")
 GRID_FIELDS = ["model", "picked", "extra", "prompts", "seeds", "sample_steps", "cfg_scale", "sampler", "width",
                "height", "negative_prompt", "baseline", "baseline_text", "swap_axes", "legend", "margin",
                "demo_scores"]
@@ -56,15 +58,38 @@ def embedding_choices(outputs: Path, limit: int = 300) -> list[str]:
     return [rel for _, rel in sorted(found, reverse=True)[:limit]]
 
 
+def grid_embedding_choices(ctx) -> list[tuple[str, str]]:
+    """The embeddings the Grid tab offers, as (label, value): the outputs folder's (embedding_choices; value the
+    path relative to it), then the files in the --models-dir embeddings folders (value the absolute path;
+    label "webui/embeddings/NAME.safetensors")."""
+    choices = [(c, c) for c in embedding_choices(ctx.outputs)]
+    lib = ctx.model_library()
+    for path in (lib.embeddings if lib is not None else []):
+        folder = next((d for d in lib.embedding_dirs if d in path.parents), path.parent)
+        label = f"{folder.parent.name}/{folder.name}/{path.relative_to(folder).as_posix()}"
+        choices.append((label, str(path)))
+    return choices
+
+
+def _readable_embedding(ctx, p: Path) -> Path:
+    """An embedding path the grid may read: inside the outputs folder, or inside a --models-dir embeddings
+    folder (and one the web UI may read); else the outputs folder's refusal, naming the path."""
+    from embedtrain.library import inside, places
+    emb_dirs = [d for folder in ctx.models_dirs for d in places(folder)[1]]
+    if emb_dirs and inside(p, emb_dirs):
+        return ctx.allowed_folder(p, "embedding file", "picked")
+    return ctx.inside_outputs(p)
+
+
 def _files(ctx, picked, extra: str) -> list[Path]:
-    paths = [ctx.outputs / p for p in (picked or [])]
+    paths = [ctx.outputs / p for p in (picked or [])]   # an absolute path (a models folder's) stays itself
     for line in str(extra or "").splitlines():
         if line.strip():
             p = Path(line.strip()).expanduser()
             paths.append(p if p.is_absolute() else ctx.outputs / p)
     files = []
     for p in paths:
-        p = ctx.inside_outputs(p)  # raises, naming the path, for anything outside outputs
+        p = _readable_embedding(ctx, p)  # raises, naming the path, for anything outside outputs and the models dirs
         if not p.is_file():
             raise GridError(f"embedding file {p} does not exist")
         files.append(p)
@@ -274,11 +299,12 @@ def _progress_text(ev: dict) -> str:
 # ------------------------------------------------------------------ layout and wiring
 def _grid_form(ctx) -> dict:
     """The grid's settings (GRID_FIELDS, as components) and its buttons."""
-    ui = {"model": gr.Textbox(ctx.model, label="Model", info="'demo', a diffusers folder or a checkpoint file",
-                              elem_id="grid-model")}
+    from embedtrain.ui.train_tab import model_box
+    ui = {"model": model_box(ctx, ctx.model, "grid-model", info="'demo', a diffusers folder or a checkpoint file")}
     with gr.Row():
-        ui["picked"] = gr.CheckboxGroup(embedding_choices(ctx.outputs), label="Embeddings from the outputs folder "
-                                        "(runs, snapshots, studies; newest first)", elem_id="grid-embeddings",
+        where = " and the models folders' embeddings" if ctx.models_dirs else ""
+        ui["picked"] = gr.CheckboxGroup(grid_embedding_choices(ctx), label="Embeddings from the outputs folder "
+                                        f"(runs, snapshots, studies; newest first){where}", elem_id="grid-embeddings",
                                         scale=4)
         ui["refresh"] = gr.Button("Refresh", size="sm", scale=0, min_width=90, elem_id="grid-refresh")
     ui["extra"] = gr.Textbox(label="More embedding files", lines=2, elem_id="grid-extra",
@@ -398,8 +424,9 @@ def _wire_render(ctx, runner: Runner, grid: dict, study_ui: dict, out: dict) -> 
     status, image, download, pairs, table = (out[k] for k in ("status", "image", "download", "pairs", "table"))
 
     def do_refresh(current):
-        choices = embedding_choices(ctx.outputs)
-        return gr.update(choices=choices, value=[c for c in (current or []) if c in choices])
+        choices = grid_embedding_choices(ctx)
+        values = {v for _, v in choices}
+        return gr.update(choices=choices, value=[c for c in (current or []) if c in values])
 
     grid["refresh"].click(do_refresh, grid["picked"], grid["picked"], show_progress="hidden",
                           api_name="grid_embeddings")
@@ -439,7 +466,7 @@ def _wire_render(ctx, runner: Runner, grid: dict, study_ui: dict, out: dict) -> 
     study_ui["study_btn"].click(study, study_inputs + grid_inputs, [status, image, download, pairs, table],
                                 api_name="study", concurrency_limit=1)
     # on (re)load only the choices change: what the user ticks meanwhile is kept
-    ctx.on_load.append((lambda: gr.update(choices=embedding_choices(ctx.outputs)), None, grid["picked"]))
+    ctx.on_load.append((lambda: gr.update(choices=grid_embedding_choices(ctx)), None, grid["picked"]))
 
     # A grid or study started by another page, or before the server restarted: follow it until its result.
     def follow_other(on_load: bool):

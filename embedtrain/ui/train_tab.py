@@ -17,13 +17,17 @@ import gradio as gr
 import pandas as pd
 
 from embedtrain import EmbedtrainError
-from embedtrain.config import (OPTIMIZERS, STEP_UNITS, TEMPLATES, TRAIN_ENCODERS, TrainConfig, apply_preset,
-                               lr_fields)
+from embedtrain.config import (OPTIMIZERS, REPORT_TO, SAVE_FORMATS, STEP_UNITS, TEMPLATES, TRAIN_ENCODERS,
+                               TrainConfig, apply_preset, lr_fields)
 from embedtrain.ui.context import api_parameters, servable_files
 from embedtrain.ui.plots import typed_frame, with_series
 
 SCHEDULES = ["constant", "linear", "cosine", "cosine_restarts", "polynomial", "piecewise", "triangular",
              "triangular2", "exp_range", "cosine_cycles", "one_cycle"]
+
+# Issue 23's captions, loss and output options, on the page in their own accordion (last in FIELDS).
+RECIPE_FIELDS = ["shuffle_tags", "keep_tokens", "tag_dropout", "caption_dropout", "noise_offset", "min_snr_gamma",
+                 "report_to", "save_formats"]
 
 # Form fields in the order the callbacks receive them.
 FIELDS = ["model", "data", "name", "init_text", "vectors", "template", "batch_size", "grad_accum", "steps",
@@ -31,7 +35,7 @@ FIELDS = ["model", "data", "name", "init_text", "vectors", "template", "batch_si
           "lr_step_size_epochs", "lr_cycle_start", "lr_power", "lr_gamma", "lr_cycle_decay", "lr_decay_factor",
           "lr_extend", "lr_pct_start", "lr_div_factor", "lr_final_div_factor", "optimizer", "val_split", "val_every", "save_every",
           "preview_every", "preview_prompt", "seed", "resolution", "flip", "run_name", "init_embedding",
-          "train_encoders"]   # new fields go last: API callers that pass them by position keep working
+          "train_encoders", *RECIPE_FIELDS]   # new fields go last: API callers passing them by position keep working
 
 INFO = {
     "batch_size": "images per batch (per process)",
@@ -49,6 +53,17 @@ INFO = {
     "train_encoders": "SDXL only: train the vectors of both text encoders, or only clip_l (CLIP-L) or clip_g "
                       "(OpenCLIP-bigG; the other keeps its start vectors). SD 1.x/2.x models have one encoder: both",
     "resolution": "0 = the model's own: SD 1.x 512, SD 2.x 768, SDXL 1024",
+    "shuffle_tags": "shuffle a caption's comma-separated tags for every sample (templates with [filewords])",
+    "keep_tokens": "the first N tags stay in place: not shuffled, never dropped",
+    "tag_dropout": "probability that each (not kept) tag is left out of a sample's caption",
+    "caption_dropout": "probability that a sample's whole caption is left out (the template alone)",
+    "noise_offset": "a per-channel constant added to the noise, for very dark or bright images (0.05-0.1 is "
+                    "usual; 0 = off)",
+    "min_snr_gamma": "min-SNR loss weighting: each timestep's loss weighted by min(SNR, gamma) (5 is usual; 0 = off)",
+    "report_to": "tensorboard: also log loss, LR and previews to RUN/tensorboard (view with `tensorboard --logdir "
+                 "outputs`)",
+    "save_formats": "safetensors; a1111 (.pt); diffusers (diffusers/NAME.safetensors); png (A1111's embedding card: "
+                    "the last preview with the embedding inside)",
 }
 
 
@@ -66,6 +81,10 @@ def form_config(ctx, values: dict) -> TrainConfig:
     data["init_embedding"] = start_embedding_path(ctx, data.get("init_embedding"))
     data.update(lr_fields(data.get("lr", "")))   # a number, or A1111's piecewise text typed into the LR box
     data["out"] = str(ctx.outputs)
+    if isinstance(data.get("save_formats"), (list, tuple)):   # the page's checkboxes; the API may send the text
+        data["save_formats"] = ",".join(map(str, data["save_formats"]))
+    if data.get("report_to") is None or data.get("report_to") == "none":
+        data["report_to"] = ""
     cfg = TrainConfig.from_dict(data).validate()   # types first: a preset is looked up by the model's text
     return apply_preset(cfg, explicit=set(data)).validate()  # presets fill only what the form doesn't show
 
@@ -331,8 +350,10 @@ def plot_frames(rows: list[dict], max_points: int = PLOT_POINTS) -> tuple[pd.Dat
 
 
 def form_values(cfg: TrainConfig) -> list:
-    """The Train form's values (FIELDS order) for a config; the LR as text, as the form holds it."""
-    return [str(getattr(cfg, k)) if k == "lr" else getattr(cfg, k) for k in FIELDS]
+    """The Train form's values (FIELDS order) for a config; the LR as text and the save formats as a list, as the
+    form holds them."""
+    shown = {"lr": str(cfg.lr), "save_formats": cfg.formats(), "report_to": cfg.report_to or "none"}
+    return [shown.get(k, getattr(cfg, k)) for k in FIELDS]
 
 
 def preview_caption(path) -> str:
@@ -433,7 +454,7 @@ def build(ctx) -> None:
     ui: dict = {}   # everything else, by name
     with gr.Row():
         with gr.Column(scale=3):
-            _model_and_data(cfg, c, ui)
+            _model_and_data(ctx, cfg, c, ui)
             _length_and_lr(cfg, c, ui)
             _more_settings(cfg, c, ui)
         with gr.Column(scale=2):
@@ -446,11 +467,26 @@ def build(ctx) -> None:
     _wire_settings_and_load(ctx, c, ui)
 
 
-def _model_and_data(cfg, c: dict, ui: dict) -> None:
+MODEL_INFO = ("'demo' (built in), a diffusers folder, a .safetensors/.ckpt file, or a Hugging Face hub id "
+              "(org/name: downloaded once, then read from the cache)")
+
+
+def model_box(ctx, value, elem_id: str, info: str = MODEL_INFO, **kw):
+    """The model box of a tab: a textbox, or with --models-dir a dropdown of the models found there (labelled
+    with their architecture, read from each file's header) that still takes any typed source. Its choices
+    are refreshed on every page load (new files; a .ckpt's architecture once read)."""
+    lib = ctx.model_library()
+    if lib is None:
+        return gr.Textbox(value, label="Model", info=info, elem_id=elem_id, **kw)
+    box = gr.Dropdown(ctx.model_choices(lib), value=value, label="Model", allow_custom_value=True, filterable=True,
+                      info=f"{info}. Models folder: {lib.summary()}", elem_id=elem_id, **kw)
+    ctx.on_load.append((lambda: gr.update(choices=ctx.model_choices()), None, box))
+    return box
+
+
+def _model_and_data(ctx, cfg, c: dict, ui: dict) -> None:
     with gr.Row():
-        c["model"] = gr.Textbox(cfg.model, label="Model", scale=4, elem_id="train-model",
-                                info="'demo' (built in), a diffusers folder, a .safetensors/.ckpt file, or a "
-                                     "Hugging Face hub id (org/name: downloaded once, then read from the cache)")
+        c["model"] = model_box(ctx, cfg.model, "train-model", scale=4)
         ui["load_btn"] = gr.Button("Load", scale=1, size="sm")
     ui["model_info"] = gr.Markdown("", elem_id="model-info", label="model")
     ui["check_model"] = gr.Markdown("", elem_id="check-model")
@@ -548,11 +584,35 @@ def _more_settings(cfg, c: dict, ui: dict) -> None:
                                         info=INFO["resolution"])
             c["flip"] = gr.Checkbox(cfg.flip, label="Random horizontal flip")
             c["run_name"] = gr.Textbox("", label="Run folder name", placeholder="NAME-date-time")
+    _recipe_settings(cfg, c)
     with gr.Accordion("Settings file", open=False):
         with gr.Row():
             ui["save_cfg"] = gr.Button("Save settings as JSON", size="sm")
             ui["cfg_file"] = gr.File(label="Settings JSON (download, or drop one here to load it)",
                                      file_types=[".json"], elem_id="settings-file")
+
+
+def _recipe_settings(cfg, c: dict) -> None:
+    """RECIPE_FIELDS: caption shuffling and dropout, the loss options, the files written and the logs."""
+    with gr.Accordion("Captions, loss and outputs", open=False, elem_id="recipe"):
+        with gr.Row():
+            c["shuffle_tags"] = gr.Checkbox(cfg.shuffle_tags, label="Shuffle tags", info=INFO["shuffle_tags"])
+            c["keep_tokens"] = gr.Number(cfg.keep_tokens, label="Keep tokens (tags)", precision=0, minimum=0,
+                                         info=INFO["keep_tokens"])
+            c["tag_dropout"] = gr.Number(cfg.tag_dropout, label="Tag dropout", minimum=0, maximum=1, step=0.05,
+                                         info=INFO["tag_dropout"])
+            c["caption_dropout"] = gr.Number(cfg.caption_dropout, label="Caption dropout", minimum=0, maximum=1,
+                                             step=0.05, info=INFO["caption_dropout"])
+        with gr.Row():
+            c["noise_offset"] = gr.Number(cfg.noise_offset, label="Noise offset", minimum=0, maximum=1, step=0.01,
+                                          info=INFO["noise_offset"])
+            c["min_snr_gamma"] = gr.Number(cfg.min_snr_gamma, label="Min-SNR gamma", minimum=0, step=1,
+                                           info=INFO["min_snr_gamma"])
+        with gr.Row():
+            c["save_formats"] = gr.CheckboxGroup(list(SAVE_FORMATS), value=cfg.formats(), label="Save formats",
+                                                 info=INFO["save_formats"], elem_id="save-formats")
+            c["report_to"] = gr.Radio(["none", *(r for r in REPORT_TO if r)], value=cfg.report_to or "none",
+                                      label="Also log to", info=INFO["report_to"], elem_id="report-to")
 
 
 def _status_column(ctx, ui: dict) -> None:
