@@ -148,8 +148,9 @@ def _check_size(width: int, height: int) -> None:
         raise DataError(f"only {width}x{height} pixels; at least 8x8 are needed")
 
 
-def open_image(path: Path, resolution: int):
-    """Load one training image ready for the VAE, or raise DataError with a reason."""
+def load_image(path: Path):
+    """One image as 8-bit RGB at its full size, EXIF rotation applied, or DataError with the reason a run log
+    shows (the trainer's and `prepare`'s image handling)."""
     from PIL import Image, ImageOps
 
     with _image_errors():
@@ -159,6 +160,13 @@ def open_image(path: Path, resolution: int):
             img = ImageOps.exif_transpose(img)
             img = to_rgb(img)
     _check_size(*img.size)
+    return img
+
+
+def open_image(path: Path, resolution: int):
+    """One training image ready for the VAE: (image, original (width, height), (top, left) of the crop), or
+    DataError with a reason."""
+    img = load_image(path)
     size = img.size
     img, crop = fit(img, resolution)
     return img, size, crop

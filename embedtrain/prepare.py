@@ -38,8 +38,8 @@ from typing import Callable
 
 from embedtrain import shown
 from embedtrain.config import MAX_RESOLUTION
-from embedtrain.data import (MAX_PIXELS, DataError, Skipped, _check_header, _check_size, _image_errors,
-                             _image_files, _none_usable, caption_file_check, caption_for, display_name, to_rgb)
+from embedtrain.data import (MAX_PIXELS, DataError, Skipped, _image_files, _none_usable, caption_file_check,
+                             caption_for, display_name, load_image)
 
 CROPS = ("center", "focal", "none")
 SPLIT_RATIO = 1.5         # --split cuts an image whose long side is over this many times its short side
@@ -157,21 +157,6 @@ def check_out_folder(data, out) -> Path:
 
 
 # ---------------------------------------------------------------- images (pure)
-def load_image(path: Path):
-    """One source image as 8-bit RGB at its full size, EXIF rotation applied, or DataError with the
-    trainer's reason. data.open_image without its resize and crop (data.py has no such public helper)."""
-    from PIL import Image, ImageOps
-
-    with _image_errors():
-        with Image.open(path) as img:
-            _check_header(img)
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            img = to_rgb(img)
-    _check_size(*img.size)
-    return img
-
-
 def resize_short_side(img, resolution: int):
     """The short side to `resolution`, the aspect ratio kept: data.fit's resize, so a center crop of this
     is pixel for pixel the trainer's own."""
