@@ -39,3 +39,16 @@ def tiny_cfg(images, tmp_path):
     cfg = TrainConfig(model="tiny", data=str(images), name="zorblat", init_text="circle", steps=6,
                       batch_size=2, lr=5e-3, out=str(tmp_path / "out"), template="object")
     return apply_preset(cfg, explicit={"steps", "batch_size", "lr", "init_text", "template"})
+
+
+XL_WIDTHS = (32, 48)   # the tiny SDXL's token widths (clip_l, clip_g): different, so a swap of the halves fails
+
+
+@pytest.fixture(scope="session")
+def xl_folder(tmp_path_factory):
+    """The tiny SDXL saved as a diffusers folder (model_index.json, tokenizer, tokenizer_2, ...), as a user's
+    SDXL folder would be."""
+    from embedtrain.demo.model import build_sdxl_pipeline
+    folder = tmp_path_factory.mktemp("xl") / "tiny-sdxl"
+    build_sdxl_pipeline("tiny").save_pretrained(folder)
+    return folder

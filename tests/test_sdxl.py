@@ -14,16 +14,9 @@ from embedtrain.config import ConfigError, TrainConfig, apply_preset
 from embedtrain.embedding import EmbeddingError, load_embedding, save_embedding
 from embedtrain.trainer import Trainer
 
-L, G = 32, 48   # the tiny SDXL's token widths (clip_l, clip_g)
+from conftest import XL_WIDTHS
 
-
-@pytest.fixture(scope="module")
-def xl_folder(tmp_path_factory):
-    """The tiny SDXL saved as a diffusers folder, as a user's SDXL folder would be."""
-    from embedtrain.demo.model import build_sdxl_pipeline
-    folder = tmp_path_factory.mktemp("xl") / "tiny-sdxl"
-    build_sdxl_pipeline("tiny").save_pretrained(folder)
-    return folder
+L, G = XL_WIDTHS
 
 
 @pytest.fixture

@@ -11,16 +11,9 @@ from conftest import make_images
 from embedtrain.config import TrainConfig
 from embedtrain.embedding import save_embedding
 
-L, G = 32, 48   # the tiny SDXL's token widths (clip_l, clip_g)
+from conftest import XL_WIDTHS
 
-
-@pytest.fixture(scope="module")
-def xl_folder(tmp_path_factory):
-    """The tiny SDXL saved as a diffusers folder (model_index.json, tokenizer, tokenizer_2, ...)."""
-    from embedtrain.demo.model import build_sdxl_pipeline
-    folder = tmp_path_factory.mktemp("xl") / "tiny-sdxl"
-    build_sdxl_pipeline("tiny").save_pretrained(folder)
-    return folder
+L, G = XL_WIDTHS
 
 
 @pytest.fixture
