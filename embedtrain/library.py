@@ -51,9 +51,9 @@ class ModelEntry:
     @property
     def label(self) -> str:
         """What the dropdown shows: "sd_xl_base_1.0 · SDXL", "v2-1_768 · SD 2.x v-prediction",
-        "mymodel · SD 1.x · diffusers", "old.ckpt · architecture read on load"."""
+        "mymodel · SD 1.x · diffusers", "old.ckpt · architecture not read yet (reload the page)"."""
         if not self.arch:
-            return f"{self.name}{Path(self.path).suffix} · architecture read on load"
+            return f"{self.name}{Path(self.path).suffix} · architecture not read yet (reload the page)"
         arch = self.arch + (" v-prediction" if self.prediction == "v_prediction" else "")
         return f"{self.name} · {arch}" + (" · diffusers" if self.kind == "diffusers" else "")
 

@@ -140,7 +140,7 @@ def test_ckpt_listed_without_torch_until_read(tmp_path):
     sd = {k: torch.zeros(s) for k, s in SD15.items()}
     torch.save({"state_dict": sd}, folder / "old_model.ckpt")
     [m] = library.scan([folder], read_ckpt=False).models
-    assert m.label == "old_model.ckpt · architecture read on load" and m.arch == ""
+    assert m.label == "old_model.ckpt · architecture not read yet (reload the page)" and m.arch == ""
     assert library.scan([folder]).models[0].label == "old_model · SD 1.x"
     assert library.scan([folder], read_ckpt=False).models[0].label == "old_model · SD 1.x"   # cached
 

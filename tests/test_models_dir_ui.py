@@ -51,6 +51,26 @@ def test_models_dir_is_readable_and_its_embeddings_reach_the_grid(webui, tmp_pat
         plain.allowed_folder(webui / "embeddings")
 
 
+def test_a_ckpt_is_read_off_the_serving_path(tmp_path):
+    """The page's first listing does not open a .ckpt (that takes torch); a background read fills the
+    library's cache, and the next listing (a page load) shows its architecture."""
+    import time
+
+    import torch
+
+    from embedtrain.ui.context import UIContext
+    from test_library import SD15
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    torch.save({"state_dict": {k: torch.zeros(s) for k, s in SD15.items()}}, folder / "old.ckpt")
+    ctx = UIContext(outputs=tmp_path / "outputs", models_dirs=[str(folder)])
+    assert ctx.model_choices()[-1] == ("old.ckpt · architecture not read yet (reload the page)", str(folder / "old.ckpt"))
+    deadline = time.time() + 30
+    while ctx.model_choices()[-1][0] != "old · SD 1.x" and time.time() < deadline:
+        time.sleep(0.1)
+    assert ctx.model_choices()[-1] == ("old · SD 1.x", str(folder / "old.ckpt"))
+
+
 def test_models_dir_must_be_a_folder(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "app.py"), "--models-dir", str(tmp_path / "nope"), "--outputs",
                         str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
