@@ -48,6 +48,14 @@ MAX_LR = 1e4
 SEED_RANGE = (-(2 ** 63), 2 ** 63 - 1)  # what torch.Generator.manual_seed accepts for both signs
 
 
+def _is_file(path: str) -> bool:
+    """Path.is_file, False for a path the OS refuses to look up (too long, bad bytes)."""
+    try:
+        return Path(path).expanduser().is_file()
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
 def check_safe_name(name, field_name: str = "name") -> str:
     """An embedding or run name, which also becomes a file or folder name: return it stripped and
     NFC-normalised, or raise ConfigError naming the field and saying what is allowed."""
@@ -261,7 +269,7 @@ class TrainConfig:
         need(self.train_encoders in TRAIN_ENCODERS, "train_encoders", f"one of {', '.join(TRAIN_ENCODERS)}")
         need(self.report_to in REPORT_TO, "report_to", "tensorboard, or empty for none")
         if self.init_embedding.strip():
-            need(Path(self.init_embedding).expanduser().is_file(), "init_embedding",
+            need(_is_file(self.init_embedding), "init_embedding",
                  "an existing embedding file (.safetensors, .pt, .bin or an A1111 .png), or empty for init_text")
         need(self.latent_sampling in LATENT_SAMPLING, "latent_sampling", f"one of {', '.join(LATENT_SAMPLING)}")
         need(1 <= self.batch_size <= MAX_BATCH_SIZE, "batch_size", f">= 1 and <= {MAX_BATCH_SIZE}")
@@ -309,10 +317,11 @@ class TrainConfig:
         formats = [s.strip() for s in self.save_formats.split(",") if s.strip()]
         need(formats and all(s in SAVE_FORMATS for s in formats), "save_formats",
              f"a comma list of {', '.join(SAVE_FORMATS)}")
-        if self.template not in TEMPLATES and not Path(self.template).is_file():
+        if self.template not in TEMPLATES and not _is_file(self.template):
+            from embedtrain import shown
             raise ConfigError(f"template must be one of {', '.join(TEMPLATES)} or an existing .txt file, "
-                              f"got {self.template!r}")
-        if Path(self.template).is_file():   # the file the run will read (data.load_templates reads it first)
+                              f"got {shown(self.template)}")
+        if self.template not in TEMPLATES and _is_file(self.template):   # the file the run will read (data.load_templates reads it first)
             _check_template_file(Path(self.template))
         return self
 
@@ -430,8 +439,25 @@ def add_arguments(parser: argparse.ArgumentParser, only: set[str] | None = None)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
         else:
             # lr also accepts A1111's piecewise syntax; it is split off in config_from_args.
-            typ = {"int": int, "float": float, "str": str}[f.type] if f.name != "lr" else str
+            typ = {"int": _whole, "float": _number, "str": str}[f.type] if f.name != "lr" else str
             parser.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help_, dest=f.name)
+
+
+def _whole(text: str) -> int:
+    """argparse's int, with an error that quotes the value shortened (a 5000-digit value stays one line)."""
+    from embedtrain import shown
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid whole number {shown(text)}") from None
+
+
+def _number(text: str) -> float:
+    from embedtrain import shown
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {shown(text)}") from None
 
 
 LR_EXAMPLE = "'0.005:100, 1e-3:1000, 1e-5'"
