@@ -37,3 +37,8 @@ def shown(value, limit: int = 120) -> str:
     path must not turn a one-line error into 5000 characters)."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 5] + "…" + text[-4:]
+
+
+# The SD family a one-encoder embedding's width means (SD 1.x: CLIP ViT-L; SD 2.x: OpenCLIP ViT-H); any other
+# width is a tiny or unusual model. Every message and label that names a family from a width reads it here.
+SD_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x"}

@@ -32,7 +32,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from embedtrain import EmbedtrainError
+from embedtrain import EmbedtrainError, SD_WIDTHS
 from embedtrain.config import model_cfg_scale
 from embedtrain.fileio import EMBEDDING_SUFFIXES
 
@@ -340,7 +340,7 @@ def load_columns(pipe, paths, model_name: str = "the model") -> list[Column]:
         emb = load_embedding(path)  # its errors already name the file
         size = emb.vectors.shape[1]
         if side.family == "SD" and emb.vectors_g is None and size != dim:
-            family = {768: "SD 1.x", 1024: "SD 2.x"}.get(size, f"a model with token size {size}")
+            family = SD_WIDTHS.get(size, f"a model with token size {size}")
             raise GridError(f"embedding file {path} has vectors of size {size} (made for {family}), but "
                             f"{model_name} needs size {dim}: pick embeddings trained on this model family")
         k = len(install(pipe.tokenizer, pipe.text_encoder).extras)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from embedtrain import ASSETS, shown
+from embedtrain import ASSETS, SD_WIDTHS, shown
 
 DEMO_MODEL = ASSETS / "demo_model"
 
@@ -92,7 +92,7 @@ def _info(pipe, source: str, name: str, file_hash: str = "") -> ModelInfo:
     if side.family == "SDXL":
         arch = "SDXL" if dims == (768, 1280) else "tiny SDXL"
     else:
-        arch = {768: "SD 1.x", 1024: "SD 2.x"}.get(dims[0], "tiny SD")
+        arch = SD_WIDTHS.get(dims[0], "tiny SD")
     return ModelInfo(source=source, name=name, architecture=arch, token_dim=dims[0], resolution=res, hash=file_hash,
                      family=side.family, token_dims=dims)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from embedtrain import EmbedtrainError
+from embedtrain import EmbedtrainError, SD_WIDTHS
 from embedtrain.config import TrainConfig
 
 
@@ -98,7 +98,7 @@ class ModelKind:
         """'SDXL', 'SD 1.x', 'SD 2.x' or 'SD' (a width of neither), as textside names a family."""
         if self.family == "SDXL":
             return "SDXL"
-        return {768: "SD 1.x", 1024: "SD 2.x"}.get(self.dims[0] if self.dims else 0, "SD")
+        return SD_WIDTHS.get(self.dims[0] if self.dims else 0, "SD")
 
 
 def model_kind(source: str) -> ModelKind | None:
@@ -205,7 +205,7 @@ def _init_embedding_problem(path: str, kind: ModelKind) -> str | None:
                 f"{_valid_init(kind.label)}")
     if emb.vectors_g is None and kind.family == "SDXL":
         width = emb.vectors.shape[1]
-        made = {768: "SD 1.x", 1024: "SD 2.x"}.get(width, "SD-style")
+        made = SD_WIDTHS.get(width, "SD-style")
         return (f"{what} is an {made} embedding (one vector set, {width} wide); model {kind.name} is SDXL, which "
                 f"needs clip_l + clip_g vectors: {_valid_init('SDXL')}")
     widths = tuple(v.shape[1] for v in (emb.vectors, emb.vectors_g) if v is not None)

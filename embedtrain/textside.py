@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from embedtrain import SD_WIDTHS
 from embedtrain.embedding import (MAX_VECTORS, EmbeddingError, LoadedEmbedding, TokenSet, _init_ids, add_embedding,
                                   check_name, install)
 
@@ -86,7 +87,7 @@ class TextSide:
                                  "use it with an SDXL model, or pick an embedding trained on this family")
 
     def family_name(self) -> str:
-        return {768: "SD 1.x", 1024: "SD 2.x"}.get(self.parts[0].dim, "SD")
+        return SD_WIDTHS.get(self.parts[0].dim, "SD")
 
 
 class SDText(TextSide):
@@ -132,7 +133,7 @@ class SDXLText(TextSide):
     def refuse_other_family(self, emb: LoadedEmbedding, what: str, model: str) -> None:
         if emb.vectors_g is None:
             width = emb.vectors.shape[1]
-            made = {768: "SD 1.x", 1024: "SD 2.x"}.get(width, "SD-style")
+            made = SD_WIDTHS.get(width, "SD-style")
             raise EmbeddingError(f"{what} is an {made} embedding (one vector set, {width} wide); model {model} is "
                                  "SDXL, which needs clip_l + clip_g vectors: pick an SDXL embedding")
 
